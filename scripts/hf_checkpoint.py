@@ -1,0 +1,222 @@
+"""Read a Hugging Face GPT-NeoX checkpoint without loading it: config fields and a tensor index.
+
+Why a module of its own: the converter, gen_config, compile and the evaluation all need the same
+architecture facts, and both spellings of the rotary settings must be read in one place
+(transformers 5 writes ``rope_parameters.partial_rotary_factor`` / ``rope_theta``; older checkpoints,
+the LINE model's included, have ``rotary_pct`` / ``rotary_emb_base``). The tensor index reads only
+safetensors headers (or a ``weights_only`` mmap of PyTorch shards), so planning a conversion of a 7 GB
+model touches kilobytes.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from scripts.common import WorkflowError, read_json
+
+SUPPORTED_ARCHITECTURES = ("GPTNeoXForCausalLM",)
+_SAFETENSORS_DTYPES = {"F16": "float16", "F32": "float32", "BF16": "bfloat16", "F64": "float64"}
+_ITEMSIZE = {"float16": 2, "float32": 4, "bfloat16": 2, "float64": 8}
+
+
+@dataclass(frozen=True)
+class NeoXArch:
+    """The GPT-NeoX hyper-parameters every later step needs, read from ``config.json``."""
+
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    vocab_size: int
+    rotary_pct: float
+    rotary_emb_base: float
+    layer_norm_eps: float
+    use_parallel_residual: bool
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    hidden_act: str
+    bos_token_id: int
+    eos_token_id: int
+    pad_token_id: int | None
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+def _get(cfg: dict[str, Any], *keys: str, default: Any = None) -> Any:
+    for key in keys:
+        if key in cfg and cfg[key] is not None:
+            return cfg[key]
+    return default
+
+
+def arch_from_config(cfg: dict[str, Any], where: str = "config.json") -> NeoXArch:
+    """Validate the architecture and normalise both rotary spellings."""
+    archs = cfg.get("architectures") or []
+    if not any(a in SUPPORTED_ARCHITECTURES for a in archs) and cfg.get("model_type") != "gpt_neox":
+        raise WorkflowError(
+            f"{where}: architectures {archs} (model_type {cfg.get('model_type')!r}) is not supported; "
+            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    rotary_pct = _get(cfg, "rotary_pct", "partial_rotary_factor", default=rope.get("partial_rotary_factor"))
+    base = _get(cfg, "rotary_emb_base", "rope_theta", default=rope.get("rope_theta"))
+    missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size") if k not in cfg]
+    if missing:
+        raise WorkflowError(f"{where}: missing required GPT-NeoX fields {missing}")
+    if cfg["hidden_size"] % cfg["num_attention_heads"]:
+        raise WorkflowError(
+            f"{where}: hidden_size {cfg['hidden_size']} is not divisible by num_attention_heads "
+            f"{cfg['num_attention_heads']}"
+        )
+    eos = cfg.get("eos_token_id", 2)
+    return NeoXArch(
+        hidden_size=int(cfg["hidden_size"]),
+        num_hidden_layers=int(cfg["num_hidden_layers"]),
+        num_attention_heads=int(cfg["num_attention_heads"]),
+        intermediate_size=int(cfg.get("intermediate_size") or 4 * cfg["hidden_size"]),
+        vocab_size=int(cfg["vocab_size"]),
+        rotary_pct=float(rotary_pct if rotary_pct is not None else 0.25),
+        rotary_emb_base=float(base if base is not None else 10000),
+        layer_norm_eps=float(cfg.get("layer_norm_eps", 1e-5)),
+        use_parallel_residual=bool(cfg.get("use_parallel_residual", True)),
+        max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        hidden_act=str(cfg.get("hidden_act", "gelu")),
+        bos_token_id=int(cfg.get("bos_token_id", 0)),
+        eos_token_id=int(eos[0] if isinstance(eos, list) else eos),
+        pad_token_id=cfg.get("pad_token_id"),
+    )
+
+
+def load_arch(model_dir: str | Path) -> tuple[NeoXArch, dict[str, Any]]:
+    """Read and validate ``MODEL_DIR/config.json``."""
+    path = Path(model_dir) / "config.json"
+    cfg = read_json(path, "model config.json")
+    return arch_from_config(cfg, str(path)), cfg
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one source tensor lives and what it is, known without reading its data."""
+
+    name: str
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset in the file (safetensors), -1 for PyTorch shards
+    nbytes: int
+
+
+def _weight_files(model_dir: Path) -> list[Path]:
+    """Safetensors are preferred whenever present; PyTorch ``.bin`` only as a fallback."""
+    for pattern in ("*.safetensors", "pytorch_model*.bin"):
+        files = sorted(model_dir.glob(pattern))
+        if files:
+            return files
+    raise WorkflowError(f"no weight files (*.safetensors or pytorch_model*.bin) in {model_dir}")
+
+
+def _safetensors_index(path: Path) -> list[TensorInfo]:
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            raise WorkflowError(f"weight file {path} is truncated (no safetensors header)")
+        (hlen,) = struct.unpack("<Q", head)
+        if hlen > size - 8:
+            raise WorkflowError(f"weight file {path} is truncated (header says {hlen} bytes)")
+        try:
+            header = json.loads(handle.read(hlen))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise WorkflowError(f"weight file {path} has a corrupt safetensors header") from None
+    out = []
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _SAFETENSORS_DTYPES.get(meta["dtype"])
+        if dtype is None:
+            raise WorkflowError(f"{path}: tensor {name} has unsupported dtype {meta['dtype']}")
+        start, end = meta["data_offsets"]
+        if 8 + hlen + end > size:
+            raise WorkflowError(
+                f"weight file {path} is truncated: tensor {name} needs bytes up to {8 + hlen + end}, "
+                f"file has {size}"
+            )
+        out.append(TensorInfo(name, path, dtype, tuple(meta["shape"]), 8 + hlen + start, end - start))
+    return out
+
+
+def _torch_index(path: Path) -> list[TensorInfo]:
+    import torch  # only PyTorch checkpoints need it
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # noqa: BLE001 - torch raises many types; all mean "refused"
+        raise WorkflowError(
+            f"refusing to load {path}: torch.load(weights_only=True) failed ({type(err).__name__}); "
+            "only plain tensor checkpoints are accepted"
+        ) from None
+    out = []
+    for name, tensor in state.items():
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        out.append(TensorInfo(name, path, dtype, tuple(tensor.shape), -1, tensor.numel() * tensor.element_size()))
+    return out
+
+
+class TensorIndex:
+    """Name → :class:`TensorInfo` over every weight file of a checkpoint; reads one tensor at a time."""
+
+    def __init__(self, model_dir: str | Path) -> None:
+        self.model_dir = Path(model_dir)
+        self.files = _weight_files(self.model_dir)
+        self.tensors: dict[str, TensorInfo] = {}
+        for path in self.files:
+            infos = _safetensors_index(path) if path.suffix == ".safetensors" else _torch_index(path)
+            for info in infos:
+                self.tensors[info.name] = info
+        self._torch_cache: dict[Path, Any] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def read(self, name: str) -> np.ndarray:
+        """Read one tensor as numpy (bfloat16 widened to float32), naming file and tensor on failure."""
+        info = self.tensors[name]
+        if info.offset < 0:
+            return self._read_torch(info)
+        count = int(np.prod(info.shape)) if info.shape else 1
+        raw_dtype = np.uint16 if info.dtype == "bfloat16" else np.dtype(info.dtype)
+        try:
+            with open(info.file, "rb") as handle:
+                handle.seek(info.offset)
+                data = handle.read(info.nbytes)
+        except OSError as err:
+            raise WorkflowError(f"cannot read tensor {name} from {info.file}: {err}") from None
+        if len(data) != info.nbytes:
+            raise WorkflowError(f"weight file {info.file} is truncated at tensor {name}")
+        arr = np.frombuffer(data, dtype=raw_dtype, count=count).reshape(info.shape)
+        if info.dtype == "bfloat16":
+            arr = (arr.astype(np.uint32) << 16).view(np.float32)
+        return arr
+
+    def _read_torch(self, info: TensorInfo) -> np.ndarray:
+        import torch
+
+        if info.file not in self._torch_cache:
+            self._torch_cache = {info.file: torch.load(info.file, map_location="cpu", weights_only=True, mmap=True)}
+        tensor = self._torch_cache[info.file][info.name]
+        if tensor.dtype == torch.bfloat16:
+            tensor = tensor.float()
+        return tensor.numpy()
+
+
+def itemsize(dtype: str) -> int:
+    return _ITEMSIZE.get(dtype) or np.dtype(dtype).itemsize

@@ -1,0 +1,132 @@
+"""The quantization registry: the one place that knows each mode's storage layout.
+
+Layout implemented (MLC-LLM's "group quantization", checked byte-for-byte against the shards that
+MLC-LLM commit 79d603f wrote for the tiny reference model in ../shared/fixtures/mlc-reference/, see
+tests/test_conformance.py):
+
+* ``q0f32`` / ``q0f16``: no quantization; every tensor is cast to the model dtype, except the MLP
+  biases, which stay in ``ffn_out_dtype`` (float32) as MLC's GPT-NeoX keeps them.
+* ``q4f16_1``, ``q4f32_1``, ``q3f16_1`` and ``q4f16_0``: every 2-D weight (the four linear layers of
+  each block, ``embed_out`` and the ``embed_in`` embedding) becomes ``<name>.q_weight`` (uint32) and
+  ``<name>.q_scale`` (model dtype). Layer norms and all biases are not quantized.
+  For a weight ``[N, K]`` the reduction axis is K (the last one). K is zero-padded up to a multiple of
+  the group size (MLC's rule for a tensor whose size is not divisible by the group size: pad the last
+  group, never reject). Per group: ``scale = max|w| / max_int`` with ``max_int = 2**(bits-1) - 1``
+  (7 for 4-bit, 3 for 3-bit); stored value ``clamp(round(w / scale + max_int), 0, 2 * max_int)``
+  where the offset is added *before* rounding, in the model dtype (so float16 spacing near 8 turns
+  e.g. 1.501 + 7 into 8.5, which rounds half-to-even to 8 — getting this order wrong changes ~0.4 %
+  of the codes); ``32 // bits`` values per uint32 word, element j of a word at bit
+  ``bits * j``. Scale and quotient are computed in the model dtype (float16 rounding for ``f16``).
+  ``_1`` stores ``q_weight [N, K/epw]`` and ``q_scale [N, K/group]``; ``_0`` stores both transposed
+  (``[K/epw, N]``, ``[K/group, N]``) for linear layers, while ``embed_in`` keeps the ``_1`` layout.
+  4-bit uses groups of 32 (8 values per word), 3-bit groups of 40 (10 values per word).
+  Padding positions hold code 0 (not the zero-point), and do not take part in the group maximum.
+
+Float32 tensors are stored as bfloat16 in the shard (``format: f32-to-bf16``); that is the tensor
+cache's concern (scripts/tensor_cache.py), not this module's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from scripts.common import WorkflowError
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """One quantization mode as MLC-LLM names and stores it."""
+
+    name: str
+    kind: Literal["no-quant", "group-quant"]
+    model_dtype: Literal["float16", "float32"]
+    bits: int = 0
+    group_size: int = 0
+    transposed: bool = False  # the ``_0`` layout: linear-layer tensors stored [K/.., N]
+
+    @property
+    def elems_per_word(self) -> int:
+        return 32 // self.bits
+
+    @property
+    def max_int(self) -> int:
+        return (1 << (self.bits - 1)) - 1
+
+    def padded_k(self, k: int) -> int:
+        """K rounded up to whole groups (MLC zero-pads the trailing partial group)."""
+        return -(-k // self.group_size) * self.group_size
+
+
+QUANTIZATIONS: dict[str, Quantization] = {
+    q.name: q
+    for q in (
+        Quantization("q0f32", "no-quant", "float32"),
+        Quantization("q0f16", "no-quant", "float16"),
+        Quantization("q4f16_0", "group-quant", "float16", bits=4, group_size=32, transposed=True),
+        Quantization("q4f16_1", "group-quant", "float16", bits=4, group_size=32),
+        Quantization("q4f32_1", "group-quant", "float32", bits=4, group_size=32),
+        Quantization("q3f16_1", "group-quant", "float16", bits=3, group_size=40),
+    )
+}
+
+
+def get_quantization(name: str) -> Quantization:
+    """Look a mode up, failing with the allowed names."""
+    try:
+        return QUANTIZATIONS[name]
+    except KeyError:
+        raise WorkflowError(
+            f"unknown quantization {name!r}; allowed: {', '.join(QUANTIZATIONS)}"
+        ) from None
+
+
+def quantize(weight: np.ndarray, quant: Quantization) -> tuple[np.ndarray, np.ndarray]:
+    """Group-quantize a 2-D weight ``[N, K]`` (already in the model dtype) along K.
+
+    Returns ``(q_weight, q_scale)`` in the ``_1`` layout ``[N, K_pad/epw]`` / ``[N, K_pad/group]``;
+    callers transpose for the ``_0`` layout. The arithmetic emulates the model dtype exactly: float16
+    numpy ufuncs compute in float32 and round the result to float16, which is what we do here in bulk
+    (float32 work, one rounding per step) because it is several times faster than float16 ufuncs.
+    """
+    if quant.kind != "group-quant":
+        raise ValueError(f"{quant.name} is not a group quantization")
+    if weight.ndim != 2:
+        raise ValueError(f"group quantization needs a 2-D weight, got shape {weight.shape}")
+    dtype = np.dtype(quant.model_dtype)
+    if weight.dtype != dtype:
+        raise ValueError(f"weight must be {dtype}, got {weight.dtype}")
+    rows, k = weight.shape
+    k_pad = quant.padded_k(k)
+    groups = k_pad // quant.group_size
+    work = np.zeros((rows, k_pad), dtype=np.float32)
+    work[:, :k] = weight
+    work = work.reshape(rows, groups, quant.group_size)
+    max_abs = np.abs(work).max(axis=2)  # exact: max of model-dtype values
+    scale = (max_abs / np.float32(quant.max_int)).astype(dtype)
+    safe = np.where(scale == 0, np.float32(1), scale.astype(np.float32))
+    quotient = (work / safe[:, :, None]).astype(dtype).astype(np.float32)
+    shifted = (quotient + np.float32(quant.max_int)).astype(dtype).astype(np.float32)
+    codes = np.clip(np.round(shifted), 0, 2 * quant.max_int).astype(np.uint32)
+    if k_pad != k:
+        codes.reshape(rows, k_pad)[:, k:] = 0
+    codes = codes.reshape(rows, k_pad // quant.elems_per_word, quant.elems_per_word)
+    shifts = np.arange(quant.elems_per_word, dtype=np.uint32) * np.uint32(quant.bits)
+    packed = np.bitwise_or.reduce(codes << shifts, axis=2).astype(np.uint32)
+    return packed, scale
+
+
+def dequantize(
+    q_weight: np.ndarray, q_scale: np.ndarray, quant: Quantization, k: int
+) -> np.ndarray:
+    """Inverse of :func:`quantize` (``_1`` layout in, ``[N, k]`` float32 out)."""
+    rows = q_weight.shape[0]
+    shifts = np.arange(quant.elems_per_word, dtype=np.uint32) * np.uint32(quant.bits)
+    mask = np.uint32((1 << quant.bits) - 1)
+    codes = (q_weight[:, :, None] >> shifts) & mask
+    codes = codes.reshape(rows, -1).astype(np.float32) - quant.max_int
+    groups = codes.reshape(rows, q_scale.shape[1], quant.group_size)
+    values = groups * q_scale.astype(np.float32)[:, :, None]
+    return values.reshape(rows, -1)[:, :k]
