@@ -1,0 +1,111 @@
+# Input functions, wildcard constraints and config checks shared by every rule.
+
+import json
+import re
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from scripts import layout
+from scripts.common import WorkflowError
+from scripts.quantization import QUANTIZATIONS
+from scripts.workflow_config import check_config
+
+# Jobs run `python`: make it the interpreter running Snakemake unless a conda env provides one.
+_bin = os.path.dirname(sys.executable)
+if os.environ.get("PATH", "").split(os.pathsep)[0] != _bin:
+    os.environ["PATH"] = _bin + os.pathsep + os.environ.get("PATH", "")
+
+check_config(config, Path(workflow.basedir))
+
+MODELS = config["models"]
+BACKEND = config.get("backend", "native")
+TARGETS_BUILT = [config["target"], *config.get("extra_targets", [])]
+
+
+def _alternation(names):
+    return "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True))
+
+
+wildcard_constraints:
+    model=_alternation(MODELS),
+    quant=_alternation(QUANTIZATIONS),
+    target=_alternation(layout.TARGETS),
+    shard=r"\d+",
+
+
+def all_bundles():
+    return [
+        layout.dist_dir(m, q) for m in config["build_models"] for q in config["quantizations"]
+    ]
+
+
+def model_spec(wildcards):
+    return MODELS[wildcards.model]
+
+
+def fetch_source_args(wildcards):
+    """Where the snapshot comes from, as CLI flags (a change of source or revision refetches)."""
+    spec = model_spec(wildcards)
+    if "generate" in spec:
+        src = f"--local-path {layout.generated_dir(wildcards.model)}"
+    elif "local_path" in spec:
+        src = f"--local-path {spec['local_path']}"
+    else:
+        src = f"--hf-repo {spec['hf_repo']}"
+    return f"{src} --revision {spec['revision']}"
+
+
+def fetch_inputs(wildcards):
+    spec = model_spec(wildcards)
+    if "generate" in spec:
+        d = layout.generated_dir(wildcards.model)
+        return [f"{d}/config.json", f"{d}/model.safetensors", f"{d}/tokenizer.json"]
+    return []
+
+
+def generate_args(wildcards):
+    g = model_spec(wildcards)["generate"]
+    flags = {
+        "hidden-size": g["hidden_size"],
+        "num-layers": g["num_layers"],
+        "num-heads": g["num_heads"],
+        "intermediate-size": g["intermediate_size"],
+        "vocab-size": g["vocab_size"],
+        "max-position-embeddings": g["max_position_embeddings"],
+        "rotary-pct": g.get("rotary_pct", 0.25),
+        "seed": g["seed"],
+        "train-steps": g.get("train_steps", 0),
+    }
+    return " ".join(f"--{k} {v}" for k, v in flags.items())
+
+
+def template_json(wildcards):
+    """The model's conversation template, serialised: a change reruns gen_config and its dependants."""
+    name = model_spec(wildcards)["conv_template"]
+    return json.dumps(config["conv_templates"][name], ensure_ascii=False, sort_keys=True)
+
+
+def shard_files(wildcards):
+    """Shards named by the conversion plan (known once the weight_plan checkpoint has run)."""
+    plan_path = checkpoints.weight_plan.get(model=wildcards.model, quant=wildcards.quant).output.plan
+    with open(plan_path) as handle:
+        plan = json.load(handle)
+    d = layout.params_dir(wildcards.model, wildcards.quant)
+    return [f"{d}/{s['dataPath']}" for s in plan["shards"]]
+
+
+def bundle_libs(wildcards):
+    return [layout.library(wildcards.model, wildcards.quant, t) for t in TARGETS_BUILT]
+
+
+def not_a_bundle():
+    """Regex matching any name but a known bundle, so that only unknown ones reach reject_bundle."""
+    known = [layout.bundle_id(m, q) for m in MODELS for q in QUANTIZATIONS]
+    return f"(?!(?:{_alternation(known)})$)[^/]+"
+
+
+def reject_bundle(wildcards):
+    allowed = ", ".join(layout.bundle_id(m, q) for m in MODELS for q in QUANTIZATIONS)
+    raise WorkflowError(f"unknown bundle dist/{wildcards.bundle}; allowed: dist/<model>-<quant> with {allowed}")

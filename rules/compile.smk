@@ -1,0 +1,25 @@
+# The model library per target, compiled from the chat config with TVM Relax.
+
+
+rule compile:
+    input:
+        chat_config="build/{model}/{quant}/mlc-chat-config.json",
+    output:
+        lib="build/{model}/{quant}/lib/{model}-{quant}-{target}.{ext}",
+    params:
+        prefix=lambda w: layout.system_lib_prefix(w.model, w.quant),
+        backend=BACKEND,
+    log:
+        "logs/{model}/{quant}/compile_{target}.{ext}.log",
+    benchmark:
+        "benchmarks/{model}/{quant}/compile_{target}.{ext}.tsv"
+    resources:
+        mem_mb=8000,
+        runtime=60,
+        gpu=lambda w: 1 if w.target == "cuda" else 0,
+    threads: 2
+    conda:
+        "../envs/tvm.yaml"
+    shell:
+        "python scripts/compile.py {input.chat_config} --device {wildcards.target}"
+        " --system-lib-prefix {params.prefix} --backend {params.backend} -o {output.lib} > {log} 2>&1"

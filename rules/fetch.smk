@@ -1,0 +1,47 @@
+# The model checkpoint: generated offline (tiny default), taken from a local path, or downloaded.
+
+
+rule generate_tiny_model:
+    input:
+        corpus="data/corpus_ja.txt",
+    output:
+        config="resources/generated/{model}/config.json",
+        weights="resources/generated/{model}/model.safetensors",
+        tokenizer="resources/generated/{model}/tokenizer.json",
+    params:
+        args=generate_args,
+        out=lambda w: layout.generated_dir(w.model),
+    log:
+        "logs/{model}/generate_tiny_model.log",
+    benchmark:
+        "benchmarks/{model}/generate_tiny_model.tsv"
+    resources:
+        mem_mb=3000,
+        runtime=20,
+    threads: 2
+    conda:
+        "../envs/hf.yaml"
+    shell:
+        "python scripts/make_tiny_model.py -o {params.out} {params.args} > {log} 2>&1"
+
+
+rule fetch_model:
+    input:
+        fetch_inputs,
+    output:
+        config="resources/models/{model}/config.json",
+        snapshot="resources/models/{model}/snapshot.json",
+    params:
+        source=fetch_source_args,
+        out=lambda w: layout.snapshot_dir(w.model),
+    log:
+        "logs/{model}/fetch_model.log",
+    benchmark:
+        "benchmarks/{model}/fetch_model.tsv"
+    resources:
+        mem_mb=2000,
+        runtime=120,
+    conda:
+        "../envs/hf.yaml"
+    shell:
+        "python scripts/fetch_model.py {params.source} -o {params.out} > {log} 2>&1"

@@ -1,0 +1,76 @@
+# App configs and the final bundle directory with its MANIFEST.
+
+
+rule app_config:
+    input:
+        index="build/{model}/{quant}/params/tensor-cache.json",
+        chat_config="build/{model}/{quant}/mlc-chat-config.json",
+    output:
+        seed="build/{model}/{quant}/app-config.json",
+        mlc="build/{model}/{quant}/mlc-app-config.json",
+    params:
+        model_id=lambda w: layout.bundle_id(w.model, w.quant),
+        model_lib=lambda w: layout.system_lib_prefix(w.model, w.quant),
+        url=lambda w: (
+            f"--model-url {model_spec(w)['model_url']}" if model_spec(w).get("model_url") else ""
+        ),
+        params_dir=lambda w: layout.params_dir(w.model, w.quant),
+    log:
+        "logs/{model}/{quant}/app_config.log",
+    resources:
+        mem_mb=500,
+        runtime=5,
+    conda:
+        "../envs/tvm.yaml"
+    shell:
+        "python scripts/package.py app-config --model-id {params.model_id} --model-lib {params.model_lib}"
+        " {params.url} --params {params.params_dir} --chat-config {input.chat_config}"
+        " --seed-out {output.seed} --mlc-out {output.mlc} > {log} 2>&1"
+
+
+rule package:
+    input:
+        index="build/{model}/{quant}/params/tensor-cache.json",
+        shards=shard_files,
+        chat_config="build/{model}/{quant}/mlc-chat-config.json",
+        tokenizer="build/{model}/tokenizer/tokenizer.json",
+        libs=bundle_libs,
+        seed="build/{model}/{quant}/app-config.json",
+        mlc="build/{model}/{quant}/mlc-app-config.json",
+        snapshot="resources/models/{model}/snapshot.json",
+    output:
+        bundle=directory("dist/{model}-{quant}"),
+    params:
+        model_id=lambda w: layout.bundle_id(w.model, w.quant),
+        params_dir=lambda w: layout.params_dir(w.model, w.quant),
+        tokenizer_dir=lambda w: layout.tokenizer_dir(w.model),
+        libs=lambda w, input: " ".join(f"--lib {p}" for p in input.libs),
+        targets=" ".join(f"--target {t}" for t in TARGETS_BUILT),
+        max_seq_len=config["max_seq_len"],
+    log:
+        "logs/{model}/{quant}/package.log",
+    resources:
+        mem_mb=1000,
+        runtime=30,
+    conda:
+        "../envs/tvm.yaml"
+    shell:
+        "python scripts/package.py bundle --model-id {params.model_id} --params {params.params_dir}"
+        " --chat-config {input.chat_config} --tokenizer {params.tokenizer_dir} {params.libs}"
+        " --app-config {input.seed} --mlc-app-config {input.mlc} --snapshot {input.snapshot}"
+        " --model {wildcards.model} --quantization {wildcards.quant}"
+        " --max-seq-len {params.max_seq_len} {params.targets} -o {output.bundle} > {log} 2>&1"
+
+
+rule unknown_bundle:
+    wildcard_constraints:
+        bundle=not_a_bundle(),
+    input:
+        reject_bundle,
+    output:
+        directory("dist/{bundle}"),
+    log:
+        "logs/unknown_bundle/{bundle}.log",
+    shell:
+        "false"
+

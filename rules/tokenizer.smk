@@ -1,0 +1,20 @@
+# The fast tokenizer (tokenizer.json) the MLC runtime reads.
+
+
+rule tokenizer:
+    input:
+        snapshot="resources/models/{model}/snapshot.json",
+    output:
+        tokenizer="build/{model}/tokenizer/tokenizer.json",
+    params:
+        model_dir=lambda w: layout.snapshot_dir(w.model),
+        out=lambda w: layout.tokenizer_dir(w.model),
+    log:
+        "logs/{model}/tokenizer.log",
+    resources:
+        mem_mb=4000,
+        runtime=15,
+    conda:
+        "../envs/hf.yaml"
+    shell:
+        "python scripts/make_tokenizer.py {params.model_dir} -o {params.out} > {log} 2>&1"

@@ -1,0 +1,190 @@
+"""``compile``: build the GPT-NeoX model library from ``mlc-chat-config.json`` with TVM Relax.
+
+Mirrors ``mlc_llm compile CHAT_CONFIG --device D -o LIB``. apache-tvm is pinned to 0.26.0 on
+purpose: MLC-LLM's current source (commit 79d603f) runs on 0.26 and breaks on 0.27's API moves, the
+reference fixtures were made with 0.26.0, and 0.27 drops the string target tags (its targets are JSON
+dicts). The ``iphone`` target is spelled out here as MLC defines it — Metal kernels for an A-series
+GPU, arm64 iOS host code — because no TVM release ships an ``iphone`` tag.
+
+Targets and outputs: ``llvm``/``cpu`` → host shared library (``.so``); ``iphone`` → ``.tar`` of arm64
+Mach-O objects plus Metal kernel source, with every symbol under ``--system-lib-prefix`` so Xcode can
+link several models into one app; ``metal`` → the same for arm64 macOS; ``cuda`` → ``.so`` (needs a
+CUDA toolkit at build time); ``vulkan`` is refused with the reason (the PyPI TVM has no SPIR-V backend).
+The library carries ``_metadata`` (JSON, same keys as MLC's) with the parameter list the runtime
+loads, in order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from scripts.common import WorkflowError, atomic_path, read_json, run_cli
+from scripts.layout import LIB_EXT, TARGETS
+from scripts.quantization import get_quantization
+
+_APPLE_GPU = {"kind": "metal", "max_threads_per_block": 256, "max_shared_memory_per_block": 32768, "thread_warp_size": 1}
+HOSTS = {
+    "iphone": {"kind": "llvm", "mtriple": "arm64-apple-ios14.0", "mcpu": "apple-a14"},
+    "metal": {"kind": "llvm", "mtriple": "arm64-apple-macos11.0", "mcpu": "apple-m1"},
+}
+
+
+def make_target(device: str, host_cpu: str | None = None) -> Any:
+    """The TVM target for a device name (see module docstring)."""
+    from tvm.target import Target
+
+    if device not in TARGETS:
+        raise WorkflowError(f"unknown device {device!r}; allowed: {', '.join(TARGETS)}")
+    if device in ("llvm", "cpu"):
+        return Target(f"llvm -mcpu={host_cpu}" if host_cpu else "llvm")
+    if device in HOSTS:
+        return Target(_APPLE_GPU, host=HOSTS[device])
+    if device == "cuda":
+        return Target({"kind": "cuda", "arch": "sm_90" if host_cpu is None else host_cpu}, host="llvm")
+    raise WorkflowError(f"device {device!r} cannot be built with this TVM: the PyPI apache-tvm 0.26 has no SPIR-V (Vulkan) codegen")
+
+
+def metadata(chat_config: dict[str, Any], params: list[tuple[str, Any]], memory_usage: dict[str, int]) -> dict[str, Any]:
+    """``_metadata`` content, key for key as MLC's model libraries carry it."""
+    mc = chat_config["model_config"]
+    return {
+        "model_type": chat_config["model_type"],
+        "quantization": chat_config["quantization"],
+        "context_window_size": chat_config["context_window_size"],
+        "sliding_window_size": chat_config["sliding_window_size"],
+        "attention_sink_size": chat_config["attention_sink_size"],
+        "prefill_chunk_size": chat_config["prefill_chunk_size"],
+        "tensor_parallel_shards": chat_config["tensor_parallel_shards"],
+        "pipeline_parallel_stages": chat_config["pipeline_parallel_stages"],
+        "disaggregation": False,
+        "kv_state_kind": "kv_cache",
+        "max_batch_size": mc.get("max_batch_size", 128),
+        "active_vocab_size": chat_config["active_vocab_size"],
+        "model_task": chat_config.get("model_task", "chat"),
+        "params": [
+            {"name": name, "shape": [int(d) for d in p.shape], "dtype": p.dtype, "preprocs": [], "pipeline_stages": [0]}
+            for name, p in params
+        ],
+        "kv_cache": {
+            "num_hidden_layers": mc["num_hidden_layers"],
+            "num_attention_heads": mc["num_attention_heads"],
+            "num_key_value_heads": mc["num_attention_heads"],
+            "head_dim": mc["head_dim"],
+        },
+        "memory_usage": memory_usage,
+    }
+
+
+def _memory_usage(mod: Any) -> dict[str, int]:
+    """Bytes each Relax function allocates for temporaries after memory planning (static sizes only)."""
+    from tvm import relax
+
+    usage: dict[str, int] = {}
+    for gv, func in mod.functions.items():
+        if not isinstance(func, relax.Function):
+            continue
+        total = 0
+
+        def visit(expr: Any) -> None:
+            nonlocal total
+            if isinstance(expr, relax.Call) and getattr(expr.op, "name", "") == "relax.memory.alloc_storage":
+                size = expr.args[0]
+                if isinstance(size, relax.ShapeExpr) and all(hasattr(v, "value") for v in size.values):
+                    total += int(size.values[0].value)
+
+        relax.analysis.post_order_visit(func, visit)
+        usage[gv.name_hint] = total
+    return dict(sorted(usage.items()))
+
+
+def _attach_metadata(mod: Any, meta: dict[str, Any]) -> Any:
+    from tvm import relax
+
+    bb = relax.BlockBuilder(mod)
+    with bb.function("_metadata", params=[]):
+        bb.emit_func_output(relax.StringImm(json.dumps(meta)))
+    return bb.finalize()
+
+
+def build(chat_config_path: str | Path, device: str, output: str | Path, system_lib_prefix: str | None = None, host_cpu: str | None = None) -> dict[str, Any]:
+    """Compile and export the library atomically; returns the metadata embedded in it."""
+    import tvm
+    from tvm import relax
+
+    from scripts.gpt_neox_model import GPTNeoXForCausalLM, NeoXConfig, add_kv_cache_creation
+
+    cfg = read_json(chat_config_path, "chat config")
+    if cfg.get("model_type") != "gpt_neox":
+        raise WorkflowError(f"model_type {cfg.get('model_type')!r} is not supported; supported: gpt_neox")
+    quant = get_quantization(cfg["quantization"])
+    target = make_target(device, host_cpu)
+    ext = Path(output).suffix.lstrip(".")
+    if ext != LIB_EXT[device]:
+        raise WorkflowError(f"output {output} for device {device} must end in .{LIB_EXT[device]}")
+    model = GPTNeoXForCausalLM(NeoXConfig.from_chat_config(cfg), quant, target)
+    mod, params = model.export_tvm(spec=model.get_default_spec())
+    mod = add_kv_cache_creation(mod, model)
+    static = device in HOSTS
+    if static:
+        mod = mod.with_attr("system_lib_prefix", system_lib_prefix or "")
+    with target:
+        lowered = relax.get_default_pipeline(target)(mod)
+    meta = metadata(cfg, params, _memory_usage(lowered))
+    lowered = _attach_metadata(lowered, meta)
+    executable = tvm.compile(lowered, target=target, relax_pipeline=None)
+    with atomic_path(output) as tmp:
+        if ext == "tar":
+            executable.export_library(str(tmp.with_suffix(".tar")), fcompile=None)
+            tmp.with_suffix(".tar").rename(tmp)
+        else:
+            executable.export_library(str(tmp.with_suffix(".so")))
+            tmp.with_suffix(".so").rename(tmp)
+    return meta
+
+
+def mlc_llm_argv(chat_config: str, device: str, output: str, system_lib_prefix: str | None = None) -> list[str]:
+    """The real MLC-LLM CLI call, for users who have it (``backend: mlc_llm``)."""
+    argv = ["mlc_llm", "compile", str(chat_config), "--device", "cpu" if device == "llvm" else device, "-o", str(output)]
+    if system_lib_prefix:
+        argv += ["--system-lib-prefix", system_lib_prefix]
+    return argv
+
+
+def run_mlc_llm(argv: list[str]) -> None:
+    if shutil.which(argv[0]) is None:
+        raise WorkflowError("backend mlc_llm selected but the mlc_llm CLI is not installed (install MLC-LLM or use backend: native)")
+    subprocess.run(argv, check=True)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model", help="path to mlc-chat-config.json")
+    ap.add_argument("--device", required=True, help=f"one of {', '.join(TARGETS)}")
+    ap.add_argument("-o", "--output", required=True, help="library file to write")
+    ap.add_argument("--system-lib-prefix", help="symbol prefix for static (iphone/metal) libraries")
+    ap.add_argument("--host-cpu", help="llvm -mcpu for the host library (default: generic x86-64)")
+    ap.add_argument("--backend", choices=["native", "mlc_llm"], default="native")
+    return ap.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    a = parse_args(argv)
+    if a.backend == "mlc_llm":
+        run_mlc_llm(mlc_llm_argv(a.model, a.device, a.output, a.system_lib_prefix))
+        return 0
+    build(a.model, a.device, a.output, a.system_lib_prefix, a.host_cpu)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,311 @@
+"""GPT-NeoX written in ``tvm.relax.frontend.nn`` with MLC-LLM's model-library interface.
+
+Why this shape: MLC's runtime (and its iOS app) drives a model library through fixed Relax
+functions — ``embed``, ``prefill``, ``decode``, ``batch_prefill``, ``batch_decode``,
+``batch_verify``, ``create_tir_paged_kv_cache``, ``alloc_embedding_tensor``,
+``softmax_with_temperature`` and ``_metadata`` — with parameters passed as one packed tuple in the
+order ``_metadata`` lists. The names and parameter names here are those MLC-LLM's own ``compile``
+produced for the reference fixture (``lib-interface.json``); the code is this project's.
+
+Architecture facts, all read from the chat config's ``model_config`` (itself from the HF config):
+parallel or sequential residual, partial rotary embedding (``rotary_pct`` of each head, applied by
+TVM's paged KV cache, rotate-half "NeoX" style), rotary base, LayerNorm eps, exact (erf) GELU,
+untied output head, MLP computed in ``ffn_out_dtype`` (float32: the MLP's float16 overflow is why the
+original LINE conversion had to force it). Quantized weights are dequantized inside the graph so TVM
+fuses dequantize + matmul.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from tvm import te, tirx
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import Tensor, op
+from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
+from tvm.target import Target
+
+from scripts.quantization import Quantization
+
+
+@dataclass(frozen=True)
+class NeoXConfig:
+    """``model_config`` of an mlc-chat-config.json, plus the context it is compiled for."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_hidden_layers: int
+    layer_norm_eps: float
+    vocab_size: int
+    rotary_pct: float
+    position_embedding_base: float
+    context_window_size: int
+    prefill_chunk_size: int
+    use_parallel_residual: bool
+    ffn_out_dtype: str
+    max_batch_size: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_chat_config(cls, cfg: dict[str, Any]) -> "NeoXConfig":
+        mc = cfg["model_config"]
+        return cls(
+            hidden_size=mc["hidden_size"],
+            intermediate_size=mc["intermediate_size"],
+            num_attention_heads=mc["num_attention_heads"],
+            num_hidden_layers=mc["num_hidden_layers"],
+            layer_norm_eps=mc["layer_norm_eps"],
+            vocab_size=mc["vocab_size"],
+            rotary_pct=mc["rotary_pct"],
+            position_embedding_base=mc["position_embedding_base"],
+            context_window_size=cfg["context_window_size"],
+            prefill_chunk_size=cfg["prefill_chunk_size"],
+            use_parallel_residual=mc["use_parallel_residual"],
+            ffn_out_dtype=mc.get("ffn_out_dtype", "float32"),
+            max_batch_size=mc.get("max_batch_size", 128),
+        )
+
+
+def _dequantize(q_weight: Tensor, q_scale: Tensor, quant: Quantization, k: int, transposed: bool) -> Tensor:
+    """Unpack uint32 words to ``[N, k]`` in the model dtype: ``(code - max_int) * scale``."""
+    epw, bits, group = quant.elems_per_word, quant.bits, quant.group_size
+    dtype = quant.model_dtype
+    n = q_weight.shape[1] if transposed else q_weight.shape[0]
+
+    def compute(qw: te.Tensor, qs: te.Tensor) -> te.Tensor:
+        def elem(i: tirx.Var, j: tirx.Var) -> tirx.PrimExpr:
+            word = qw[j // epw, i] if transposed else qw[i, j // epw]
+            scale = qs[j // group, i] if transposed else qs[i, j // group]
+            shift = (j % epw * bits).astype("uint32")
+            code = tirx.bitwise_and(tirx.shift_right(word, shift), tirx.const((1 << bits) - 1, "uint32"))
+            return (code.astype(dtype) - tirx.const(quant.max_int, dtype)) * scale
+
+        return te.compute((n, k), elem, name="dequantize")
+
+    return op.tensor_expr_op(compute, "dequantize", [q_weight, q_scale])
+
+
+class QLinear(nn.Module):
+    """A linear layer stored as MLC group-quantized ``q_weight`` / ``q_scale`` (``_0`` or ``_1`` layout)."""
+
+    def __init__(self, in_features: int, out_features: int, quant: Quantization, bias: bool, bias_dtype: str | None, out_dtype: str | None) -> None:
+        self.in_features, self.out_features, self.quant, self.out_dtype = in_features, out_features, quant, out_dtype
+        kp = quant.padded_k(in_features)
+        words, groups = kp // quant.elems_per_word, kp // quant.group_size
+        if quant.transposed:
+            self.q_weight = nn.Parameter((words, out_features), "uint32")
+            self.q_scale = nn.Parameter((groups, out_features), quant.model_dtype)
+        else:
+            self.q_weight = nn.Parameter((out_features, words), "uint32")
+            self.q_scale = nn.Parameter((out_features, groups), quant.model_dtype)
+        self.bias = nn.Parameter((out_features,), bias_dtype or quant.model_dtype) if bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = _dequantize(self.q_weight, self.q_scale, self.quant, self.in_features, self.quant.transposed)
+        y = op.matmul(x, op.permute_dims(w), out_dtype=self.out_dtype)
+        return y + self.bias if self.bias is not None else y
+
+
+class QEmbedding(nn.Module):
+    """Embedding stored group-quantized; rows are gathered first, then dequantized (always ``_1`` layout)."""
+
+    def __init__(self, vocab: int, dim: int, quant: Quantization) -> None:
+        self.dim, self.quant = dim, quant
+        kp = quant.padded_k(dim)
+        self.q_weight = nn.Parameter((vocab, kp // quant.elems_per_word), "uint32")
+        self.q_scale = nn.Parameter((vocab, kp // quant.group_size), quant.model_dtype)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        rows_w = op.take(self.q_weight, ids, axis=0)
+        rows_s = op.take(self.q_scale, ids, axis=0)
+        return _dequantize(rows_w, rows_s, self.quant, self.dim, transposed=False)
+
+
+def _linear(cfg: NeoXConfig, quant: Quantization, k: int, n: int, bias: bool = True, ffn: bool = False) -> nn.Module:
+    out_dtype = cfg.ffn_out_dtype if ffn else None
+    if quant.kind == "group-quant":
+        return QLinear(k, n, quant, bias, out_dtype, out_dtype)
+    return nn.Linear(k, n, bias=bias, dtype=quant.model_dtype, out_dtype=out_dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: NeoXConfig, quant: Quantization) -> None:
+        self.cfg = cfg
+        self.query_key_value = _linear(cfg, quant, cfg.hidden_size, 3 * cfg.hidden_size)
+        self.dense = _linear(cfg, quant, cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, x: Tensor, cache: PagedKVCache, layer_id: int) -> Tensor:
+        b, s, _ = x.shape
+        heads, hd = self.cfg.num_attention_heads, self.cfg.head_dim
+        qkv = op.reshape(self.query_key_value(x), (b, s, 3 * heads, hd))
+        out = cache.attention_with_fused_qkv(layer_id, qkv, heads, sm_scale=hd**-0.5)
+        return self.dense(op.reshape(out, (b, s, heads * hd)))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: NeoXConfig, quant: Quantization) -> None:
+        self.dtype = quant.model_dtype
+        self.dense_h_to_4h = _linear(cfg, quant, cfg.hidden_size, cfg.intermediate_size, ffn=True)
+        self.dense_4h_to_h = _linear(cfg, quant, cfg.intermediate_size, cfg.hidden_size, ffn=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = op.gelu(self.dense_h_to_4h(x)).astype(self.dtype)
+        return self.dense_4h_to_h(h).astype(self.dtype)
+
+
+class Layer(nn.Module):
+    def __init__(self, cfg: NeoXConfig, quant: Quantization) -> None:
+        self.parallel = cfg.use_parallel_residual
+        dt, eps = quant.model_dtype, cfg.layer_norm_eps
+        self.input_layernorm = nn.LayerNorm(cfg.hidden_size, eps=eps, dtype=dt)
+        self.post_attention_layernorm = nn.LayerNorm(cfg.hidden_size, eps=eps, dtype=dt)
+        self.attention = Attention(cfg, quant)
+        self.mlp = MLP(cfg, quant)
+
+    def forward(self, x: Tensor, cache: PagedKVCache, layer_id: int) -> Tensor:
+        attn = self.attention(self.input_layernorm(x), cache, layer_id)
+        if self.parallel:
+            return x + attn + self.mlp(self.post_attention_layernorm(x))
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: NeoXConfig, quant: Quantization) -> None:
+        if quant.kind == "group-quant":
+            self.embed_in = QEmbedding(cfg.vocab_size, cfg.hidden_size, quant)
+        else:
+            self.embed_in = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=quant.model_dtype)
+        self.layers = nn.ModuleList([Layer(cfg, quant) for _ in range(cfg.num_hidden_layers)])
+        self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=quant.model_dtype)
+
+    def forward(self, x: Tensor, cache: PagedKVCache) -> Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cache, i)
+        return self.final_layer_norm(x)
+
+
+class GPTNeoXForCausalLM(nn.Module):
+    """The model library's entry points (see module docstring)."""
+
+    def __init__(self, cfg: NeoXConfig, quant: Quantization, target: Target) -> None:
+        self.cfg, self.quant, self.target = cfg, quant, target
+        self.dtype = quant.model_dtype
+        self.gpt_neox = Backbone(cfg, quant)
+        self.embed_out = _linear(cfg, quant, cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def _logits(self, h: Tensor) -> Tensor:
+        logits = self.embed_out(h)
+        return logits.astype("float32") if logits.dtype != "float32" else logits
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        return self.gpt_neox.embed_in(input_ids)
+
+    def prefill(self, input_embed: Tensor, paged_kv_cache: PagedKVCache) -> tuple[Tensor, PagedKVCache]:
+        h = self.gpt_neox(input_embed, paged_kv_cache)
+
+        def last(x: te.Tensor) -> te.Tensor:
+            b, s, d = x.shape
+            return te.compute((b, 1, d), lambda i, _, k: x[i, s - 1, k], name="index")
+
+        h = op.tensor_expr_op(last, "index", [h])
+        return self._logits(h), paged_kv_cache
+
+    def decode(self, input_embed: Tensor, paged_kv_cache: PagedKVCache) -> tuple[Tensor, PagedKVCache]:
+        return self._logits(self.gpt_neox(input_embed, paged_kv_cache)), paged_kv_cache
+
+    def batch_prefill(self, input_embeds: Tensor, logit_positions: Tensor, paged_kv_cache: PagedKVCache) -> tuple[Tensor, PagedKVCache]:
+        h = self.gpt_neox(input_embeds, paged_kv_cache)
+        h = op.take(h, logit_positions, axis=1)
+        return self._logits(h), paged_kv_cache
+
+    def batch_decode(self, input_embeds: Tensor, paged_kv_cache: PagedKVCache) -> tuple[Tensor, PagedKVCache]:
+        return self._logits(self.gpt_neox(input_embeds, paged_kv_cache)), paged_kv_cache
+
+    def batch_verify(self, input_embeds: Tensor, paged_kv_cache: PagedKVCache) -> tuple[Tensor, PagedKVCache]:
+        return self._logits(self.gpt_neox(input_embeds, paged_kv_cache)), paged_kv_cache
+
+    def softmax_with_temperature(self, logits: Tensor, temperature: Tensor) -> Tensor:
+        b, s, v = logits.shape
+        t = op.maximum(op.reshape(temperature, (b, 1, 1)), op.full((b, 1, 1), 1e-5, "float32"))
+        return op.softmax(logits / t, axis=-1)
+
+    def alloc_embedding_tensor(self) -> Tensor:
+        return op.zeros((self.cfg.prefill_chunk_size, self.cfg.hidden_size), self.dtype)
+
+    def get_default_spec(self) -> nn.spec.ModuleSpec:
+        h, dt = self.cfg.hidden_size, self.dtype
+        packed = {"param_mode": "packed", "effect_mode": "none"}
+        none = {"param_mode": "none", "effect_mode": "none"}
+        kv = nn.spec.Object(object_type=PagedKVCache)
+        spec = {
+            "embed": {"input_ids": nn.spec.Tensor(["seq_len"], "int32"), "$": packed},
+            "prefill": {"input_embed": nn.spec.Tensor([1, "seq_len", h], dt), "paged_kv_cache": kv, "$": packed},
+            "decode": {"input_embed": nn.spec.Tensor(["batch_size", 1, h], dt), "paged_kv_cache": kv, "$": packed},
+            "batch_prefill": {
+                "input_embeds": nn.spec.Tensor([1, "seq_len", h], dt),
+                "logit_positions": nn.spec.Tensor(["batch_size"], "int32"),
+                "paged_kv_cache": kv,
+                "$": packed,
+            },
+            "batch_decode": {"input_embeds": nn.spec.Tensor(["batch_size", 1, h], dt), "paged_kv_cache": kv, "$": packed},
+            "batch_verify": {"input_embeds": nn.spec.Tensor([1, "seq_len", h], dt), "paged_kv_cache": kv, "$": packed},
+            "softmax_with_temperature": {
+                "logits": nn.spec.Tensor(["batch_size", 1, "vocab_size"], "float32"),
+                "temperature": nn.spec.Tensor(["batch_size"], "float32"),
+                "$": none,
+            },
+            "alloc_embedding_tensor": {"$": none},
+        }
+        return nn.spec.ModuleSpec.from_raw(spec, self)
+
+
+KV_CACHE_ARGS = ("max_batch_size_", "max_total_seq_len_", "prefill_chunk_size_", "page_size_", "support_sliding_window_")
+
+
+def add_kv_cache_creation(mod: Any, model: GPTNeoXForCausalLM) -> Any:
+    """Add ``create_tir_paged_kv_cache(5 × int64)`` as MLC's libraries export it.
+
+    Each argument is a one-element shape (MLC's runtime passes ``IntTuple{n}``), named with the
+    trailing underscore MLC's libraries use.
+    """
+    from tvm import relax as rx
+    from tvm.relax.type import ShapeType
+
+    cfg = model.cfg
+    tvars = [tirx.Var(n, "int64") for n in KV_CACHE_ARGS]
+    params = [rx.Var(n, ShapeType(values=[v])) for n, v in zip(KV_CACHE_ARGS, tvars)]
+    bb = rx.BlockBuilder(mod)
+    with bb.function("create_tir_paged_kv_cache", params):
+        cache = TIRPagedKVCache(
+            attn_kind="mha",
+            max_batch_size=tvars[0],
+            max_total_seq_len=tvars[1],
+            prefill_chunk_size=tvars[2],
+            page_size=tvars[3],
+            support_sliding_window=tvars[4],
+            layer_partition=rx.ShapeExpr([0, cfg.num_hidden_layers]),
+            num_hidden_layers=cfg.num_hidden_layers,
+            num_attention_heads=cfg.num_attention_heads,
+            num_key_value_heads=cfg.num_attention_heads,
+            qk_head_dim=cfg.head_dim,
+            v_head_dim=cfg.head_dim,
+            mla_original_qk_head_dim=0,
+            mla_original_v_head_dim=0,
+            rope_mode=RopeMode.NORMAL,
+            rope_scale=1,
+            rope_theta=cfg.position_embedding_base,
+            rope_scaling={},
+            rope_ext_factors=rx.prim_value(0),
+            rotary_dim=int(cfg.head_dim * cfg.rotary_pct),
+            enable_disaggregation=False,
+            dtype=model.dtype,
+            target=model.target,
+        )
+        bb.emit_func_output(bb.emit(cache._expr))
+    return bb.finalize()

@@ -1,0 +1,61 @@
+"""Checks on the merged workflow config that a JSON schema cannot express, run at planning time.
+
+Why: a bad value must stop the run before any job starts, with one line naming the value and what
+is allowed. The schema (config/config.schema.yaml) bounds types and shapes; this module checks names
+against the registries (quantizations, targets, templates) and ``max_seq_len`` against the model's
+``max_position_embeddings`` whenever that is knowable without a download.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from scripts.common import WorkflowError
+from scripts.gen_config import validate_template
+from scripts.layout import TARGETS, snapshot_dir
+from scripts.quantization import QUANTIZATIONS
+
+
+def model_max_positions(name: str, spec: dict[str, Any], root: Path) -> int | None:
+    """``max_position_embeddings`` if known before any job runs (generated, local or fetched)."""
+    if "generate" in spec:
+        return int(spec["generate"]["max_position_embeddings"])
+    candidates = [root / snapshot_dir(name) / "config.json"]
+    if "local_path" in spec:
+        candidates.insert(0, Path(spec["local_path"]) / "config.json")
+    for path in candidates:
+        if path.is_file():
+            return int(json.loads(path.read_text()).get("max_position_embeddings", 2048))
+    return None
+
+
+def check_config(config: dict[str, Any], root: Path) -> None:
+    """Raise :class:`WorkflowError` on the first value that cannot work."""
+    for q in config["quantizations"]:
+        if q not in QUANTIZATIONS:
+            raise WorkflowError(f"unknown quantization {q!r} in config; allowed: {', '.join(QUANTIZATIONS)}")
+    for t in [config["target"], *config.get("extra_targets", [])]:
+        if t not in TARGETS:
+            raise WorkflowError(f"unknown target {t!r} in config; allowed: {', '.join(TARGETS)}")
+    models = config["models"]
+    for name in config["build_models"]:
+        if name not in models:
+            raise WorkflowError(f"build_models names unknown model {name!r}; configured: {', '.join(models)}")
+    templates = config["conv_templates"]
+    n = config["max_seq_len"]
+    for name, spec in models.items():
+        tpl = spec["conv_template"]
+        if tpl not in templates:
+            raise WorkflowError(f"model {name!r} uses unknown conv_template {tpl!r}; defined: {', '.join(templates)}")
+        validate_template(tpl, templates[tpl])
+        if "local_path" in spec and not (Path(spec["local_path"]) / "config.json").is_file():
+            raise WorkflowError(f"model {name!r}: local_path {spec['local_path']} has no config.json")
+        limit = model_max_positions(name, spec, root)
+        if limit is not None and not 0 < n <= limit:
+            raise WorkflowError(
+                f"max_seq_len {n} is out of range for model {name!r}; allowed: 1..{limit} (max_position_embeddings)"
+            )
+    if n <= 0:
+        raise WorkflowError(f"max_seq_len {n} is out of range; allowed: a positive integer")
