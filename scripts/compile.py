@@ -97,7 +97,7 @@ def _memory_usage(mod: Any) -> dict[str, int]:
 
         def visit(expr: Any) -> None:
             nonlocal total
-            if isinstance(expr, relax.Call) and getattr(expr.op, "name", "") == "relax.memory.alloc_storage":
+            if isinstance(expr, relax.Call) and str(getattr(expr.op, "name", "")).endswith("alloc_storage"):
                 size = expr.args[0]
                 if isinstance(size, relax.ShapeExpr) and all(hasattr(v, "value") for v in size.values):
                     total += int(size.values[0].value)
@@ -105,6 +105,53 @@ def _memory_usage(mod: Any) -> dict[str, int]:
         relax.analysis.post_order_visit(func, visit)
         usage[gv.name_hint] = total
     return dict(sorted(usage.items()))
+
+
+def pipeline(target: Any) -> Any:
+    """TVM's default Relax pipeline, except on Apple GPUs where dlight's Matmul rule is left out.
+
+    Why: in apache-tvm 0.26 dlight's ``gpu.Matmul`` tries Metal simdgroup tensorization and
+    crashes inside ``Tensorize`` for these kernels; GEMV/Reduction/Fallback rules schedule them
+    correctly (prefill runs the matmuls with the fallback schedule).
+    """
+    import tvm
+    from tvm import relax
+
+    if target.kind.name != "metal":
+        return relax.get_default_pipeline(target)
+    from tvm.relax.backend.gpu_generic import pipeline as gpu
+    from tvm.s_tir import dlight as dl
+
+    legalize = [
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+        dl.ApplyDefaultSchedule(dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()),
+    ]
+    return tvm.transform.Sequential(
+        gpu.library_dispatch_passes(target) + legalize + gpu.dataflow_lower_passes(target) + gpu.finalize_passes(target)
+    )
+
+
+def _bound_dynamic_shapes(mod: Any, cfg: dict[str, Any]) -> Any:
+    """Give TVM's memory planner upper bounds for the symbolic sizes, as MLC does.
+
+    With ``seq_len ≤ prefill_chunk_size`` and ``batch_size ≤ max_batch_size`` known, activations are
+    planned statically (allocated once, reused every call) instead of per call.
+    """
+    from tvm import relax
+
+    bounds = {
+        "seq_len": cfg["prefill_chunk_size"],
+        "batch_size": cfg["model_config"].get("max_batch_size", 128),
+        "vocab_size": cfg["vocab_size"],
+    }
+    for gv, func in list(mod.functions.items()):
+        if isinstance(func, relax.Function):
+            mod[gv] = func.with_attr("tir_var_upper_bound", bounds).with_attr("relax.memory_plan_dynamic_func_output", True)
+    return mod
 
 
 def _attach_metadata(mod: Any, meta: dict[str, Any]) -> Any:
@@ -134,11 +181,12 @@ def build(chat_config_path: str | Path, device: str, output: str | Path, system_
     model = GPTNeoXForCausalLM(NeoXConfig.from_chat_config(cfg), quant, target)
     mod, params = model.export_tvm(spec=model.get_default_spec())
     mod = add_kv_cache_creation(mod, model)
+    mod = _bound_dynamic_shapes(mod, cfg)
     static = device in HOSTS
     if static:
         mod = mod.with_attr("system_lib_prefix", system_lib_prefix or "")
     with target:
-        lowered = relax.get_default_pipeline(target)(mod)
+        lowered = pipeline(target)(mod)
     meta = metadata(cfg, params, _memory_usage(lowered))
     lowered = _attach_metadata(lowered, meta)
     executable = tvm.compile(lowered, target=target, relax_pipeline=None)
