@@ -163,11 +163,8 @@ def _attach_metadata(mod: Any, meta: dict[str, Any]) -> Any:
     return bb.finalize()
 
 
-def build(chat_config_path: str | Path, device: str, output: str | Path, system_lib_prefix: str | None = None, host_cpu: str | None = None) -> dict[str, Any]:
-    """Compile and export the library atomically; returns the metadata embedded in it."""
-    import tvm
-    from tvm import relax
-
+def export_module(chat_config_path: str | Path, device: str, system_lib_prefix: str | None = None, host_cpu: str | None = None) -> tuple[Any, list[tuple[str, Any]], Any, dict[str, Any]]:
+    """The model as a Relax IRModule (entry points, KV-cache creation, shape bounds), not yet lowered."""
     from scripts.gpt_neox_model import GPTNeoXForCausalLM, NeoXConfig, add_kv_cache_creation
 
     cfg = read_json(chat_config_path, "chat config")
@@ -175,28 +172,45 @@ def build(chat_config_path: str | Path, device: str, output: str | Path, system_
         raise WorkflowError(f"model_type {cfg.get('model_type')!r} is not supported; supported: gpt_neox")
     quant = get_quantization(cfg["quantization"])
     target = make_target(device, host_cpu)
-    ext = Path(output).suffix.lstrip(".")
-    if ext != LIB_EXT[device]:
-        raise WorkflowError(f"output {output} for device {device} must end in .{LIB_EXT[device]}")
     model = GPTNeoXForCausalLM(NeoXConfig.from_chat_config(cfg), quant, target)
     mod, params = model.export_tvm(spec=model.get_default_spec())
     mod = add_kv_cache_creation(mod, model)
     mod = _bound_dynamic_shapes(mod, cfg)
-    static = device in HOSTS
-    if static:
+    if device in HOSTS:
         mod = mod.with_attr("system_lib_prefix", system_lib_prefix or "")
+    return mod, params, target, cfg
+
+
+def interface_of(chat_config_path: str | Path, device: str = "llvm") -> dict[str, Any]:
+    """Relax functions and their parameter names, as ``lib-interface.json`` lists them."""
+    from tvm import relax
+
+    mod, params, _, cfg = export_module(chat_config_path, device)
+    mod = _attach_metadata(mod, metadata(cfg, params, {}))
+    funcs = {gv.name_hint: f for gv, f in mod.functions.items() if isinstance(f, relax.Function)}
+    return {
+        "vm_functions": sorted(funcs),
+        "vm_function_params": {name: [str(p.name) for p in funcs[name].params] for name in sorted(funcs)},
+    }
+
+
+def build(chat_config_path: str | Path, device: str, output: str | Path, system_lib_prefix: str | None = None, host_cpu: str | None = None) -> dict[str, Any]:
+    """Compile and export the library atomically; returns the metadata embedded in it."""
+    import tvm
+
+    ext = Path(output).suffix.lstrip(".")
+    if device in LIB_EXT and ext != LIB_EXT[device]:
+        raise WorkflowError(f"output {output} for device {device} must end in .{LIB_EXT[device]}")
+    mod, params, target, cfg = export_module(chat_config_path, device, system_lib_prefix, host_cpu)
     with target:
         lowered = pipeline(target)(mod)
     meta = metadata(cfg, params, _memory_usage(lowered))
     lowered = _attach_metadata(lowered, meta)
     executable = tvm.compile(lowered, target=target, relax_pipeline=None)
     with atomic_path(output) as tmp:
-        if ext == "tar":
-            executable.export_library(str(tmp.with_suffix(".tar")), fcompile=None)
-            tmp.with_suffix(".tar").rename(tmp)
-        else:
-            executable.export_library(str(tmp.with_suffix(".so")))
-            tmp.with_suffix(".so").rename(tmp)
+        staged = tmp.with_suffix("." + ext)
+        executable.export_library(str(staged))
+        staged.rename(tmp)
     return meta
 
 

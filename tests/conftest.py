@@ -1,0 +1,92 @@
+"""Shared fixtures: the MLC-LLM reference fixtures, converted caches and compiled libraries.
+
+Compiling is the slow part (seconds per library), so each library is built once per session.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+FIXTURES = Path(os.environ.get("MLC_REFERENCE_FIXTURES", REPO.parent / "shared" / "fixtures" / "mlc-reference"))
+ALL_QUANTS = ["q0f32", "q0f16", "q4f16_0", "q4f16_1", "q4f32_1", "q3f16_1"]
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    if not (FIXTURES / "model" / "config.json").is_file():
+        pytest.fail(f"MLC reference fixtures not found at {FIXTURES} (set MLC_REFERENCE_FIXTURES)")
+    return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def converted(tmp_path_factory, fixtures_dir):
+    """quant -> params dir converted from the fixture checkpoint by this project."""
+    from scripts.convert_weight import convert
+
+    root = tmp_path_factory.mktemp("converted")
+    cache = {}
+
+    def get(quant: str) -> Path:
+        if quant not in cache:
+            convert(fixtures_dir / "model", quant, root / quant)
+            cache[quant] = root / quant
+        return cache[quant]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def compiled(tmp_path_factory):
+    """(chat_config_path, quant, device) -> library path, built once per session."""
+    from scripts.compile import build
+    from scripts.layout import LIB_EXT
+
+    root = tmp_path_factory.mktemp("libs")
+    cache = {}
+
+    def get(chat_config: Path, device: str = "llvm", prefix: str | None = None) -> Path:
+        key = (str(chat_config), device)
+        if key not in cache:
+            out = root / f"lib{len(cache)}.{LIB_EXT[device]}"
+            build(chat_config, device, out, prefix)
+            cache[key] = out
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """The workflow's tiny generated checkpoint (same generator and defaults as config/tiny.yaml)."""
+    from scripts.make_tiny_model import make_model
+
+    out = tmp_path_factory.mktemp("tiny") / "model"
+    make_model(out, REPO / "data" / "corpus_ja.txt", 64, 2, 4, 256, 1024, 1024, 0.25, seed=0)
+    return out
+
+
+def run_snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run the real Snakemake CLI on a copy of the workflow in ``workdir``."""
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(workdir / "Snakefile"), "-d", str(workdir), "-c2", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=workdir)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def copy_workflow(dest: Path) -> Path:
+    """A fresh copy of the workflow sources (no outputs) to run Snakemake in."""
+    for name in ("Snakefile", "config.yaml"):
+        shutil.copy2(REPO / name, dest / name)
+    for name in ("rules", "scripts", "config", "data", "envs"):
+        shutil.copytree(REPO / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+    return dest
