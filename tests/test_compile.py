@@ -1,0 +1,137 @@
+"""The compiled library computes GPT-NeoX as transformers does, on the tiny generated model.
+
+Tolerances (max abs over logits; tiny-model logits are O(1)):
+* q0f32: 1e-4 against transformers float32 running the weights the cache stores (float32 params
+  are stored as bfloat16 by MLC's format, so the reference uses those same rounded values);
+* q0f16: 2e-2 against transformers float32 on the original checkpoint (float16 activations);
+* quantized modes: against transformers float32 on the *dequantized* weights — 2e-2 for f16 modes,
+  1e-4 for q4f32_1 — so compile and quantization are checked together.
+"""
+
+import json
+import struct
+import tarfile
+
+import numpy as np
+import pytest
+
+from scripts.common import WorkflowError
+from scripts.compile import make_target
+from scripts.convert_weight import convert
+from scripts.gen_config import load_templates, make_chat_config
+from scripts.reference import hf_logits, hf_state_from_cache, in_features_of, load_hf_model
+
+CONTEXT = 96
+PROMPT_TEXT = "ユーザー: 日本で一番高い山は何ですか?<NL>システム: 日本で一番高い山は富士山です。"
+TOL = {"q0f32": 1e-4, "q0f16": 2e-2, "q4f16_0": 2e-2, "q4f16_1": 2e-2, "q4f32_1": 1e-4, "q3f16_1": 2e-2}
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(tiny_model):
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(tiny_model / "tokenizer.json")).encode(PROMPT_TEXT).ids
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_model, tmp_path_factory, compiled):
+    """quant -> (lib, params dir, chat config path), built on demand."""
+    root = tmp_path_factory.mktemp("tiny-bundles")
+    cache = {}
+
+    def get(quant):
+        if quant not in cache:
+            d = root / quant
+            convert(tiny_model, quant, d / "params")
+            cfg = make_chat_config(tiny_model, quant, "line_llm", load_templates()["line_llm"], CONTEXT)
+            (d / "mlc-chat-config.json").write_text(json.dumps(cfg))
+            cache[quant] = (compiled(d / "mlc-chat-config.json"), d / "params", d / "mlc-chat-config.json")
+        return cache[quant]
+
+    return get
+
+
+def _runtime(bundle, quant):
+    from scripts.runtime import ModelRuntime
+
+    lib, params, cfg = bundle(quant)
+    return ModelRuntime(lib, params, cfg)
+
+
+def _reference(tiny_model, bundle, quant):
+    if quant == "q0f16":
+        return load_hf_model(tiny_model)
+    _, params, _ = bundle(quant)
+    return load_hf_model(tiny_model, hf_state_from_cache(params, quant, 4, in_features_of(tiny_model)))
+
+
+@pytest.mark.parametrize("quant", list(TOL))
+def test_prefill_logits_match_transformers(quant, tiny_model, bundle, prompt_ids):
+    rt = _runtime(bundle, quant)
+    ref = hf_logits(_reference(tiny_model, bundle, quant), prompt_ids)
+    ours = rt.prefill(prompt_ids)
+    assert np.abs(ours - ref[-1]).max() < TOL[quant]
+    rt.reset()
+    all_logits = rt.prefill_all_logits(prompt_ids)
+    assert np.abs(all_logits - ref).max() < TOL[quant]
+
+
+def test_q0f32_32_greedy_tokens_identical(tiny_model, bundle, prompt_ids):
+    import torch
+
+    rt = _runtime(bundle, "q0f32")
+    model = _reference(tiny_model, bundle, "q0f32")
+    logits = rt.prefill(prompt_ids)
+    ours = []
+    for _ in range(32):
+        ours.append(int(logits.argmax()))
+        logits = rt.decode(ours[-1])
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=32, do_sample=False, min_new_tokens=32)
+    assert ours == out[0, len(prompt_ids):].tolist()
+
+
+@pytest.mark.parametrize("quant", ["q0f32", "q4f16_1"])
+def test_decode_after_prefill_equals_fresh_prefill(quant, bundle, prompt_ids):
+    rt = _runtime(bundle, quant)
+    rt.prefill(prompt_ids[:-1])
+    stepped = rt.decode(prompt_ids[-1])
+    rt.reset()
+    fresh = rt.prefill(prompt_ids)
+    assert np.abs(stepped - fresh).max() < (1e-5 if quant == "q0f32" else 5e-3)
+
+
+def test_sequence_longer_than_context_window_is_refused(bundle):
+    rt = _runtime(bundle, "q0f16")
+    with pytest.raises(WorkflowError, match=rf"sequence of {CONTEXT + 1} tokens exceeds the context window {CONTEXT}"):
+        rt.prefill([5] * (CONTEXT + 1))
+    rt.prefill([5] * CONTEXT)
+    with pytest.raises(WorkflowError, match="exceeds the context window"):
+        rt.decode(5)
+
+
+@pytest.mark.parametrize("device", ["iphone", "metal"])
+def test_apple_targets_are_arm64_macho_archives_with_prefixed_symbols(device, bundle, tmp_path):
+    from scripts.compile import build
+
+    _, _, cfg = bundle("q4f16_0")
+    out = tmp_path / f"lib-{device}.tar"
+    build(cfg, device, out, "tiny_q4f16_0_")
+    with tarfile.open(out) as tar:
+        members = tar.getmembers()
+        assert members and all(m.name.endswith(".o") for m in members)
+        blobs = {m.name: tar.extractfile(m).read() for m in members}
+    for name, blob in blobs.items():
+        magic, cputype = struct.unpack("<Ii", blob[:8])
+        assert magic == 0xFEEDFACF and cputype == 0x0100000C, name  # MH_MAGIC_64, CPU_TYPE_ARM64
+    text = b"".join(blobs.values())
+    # host kernels are registered under the prefix; GPU kernels are Metal source; the Relax VM
+    # program (prefill, decode, ...) is embedded as the library binary.
+    assert b"_.tvm_func.tiny_q4f16_0_fused_" in text
+    assert b"kernel void tiny_q4f16_0_" in text
+    assert b"create_tir_paged_kv_cache" in text and b"batch_prefill" in text
+
+
+def test_vulkan_is_refused_with_reason():
+    with pytest.raises(WorkflowError, match="no SPIR-V"):
+        make_target("vulkan")
