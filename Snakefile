@@ -28,4 +28,4 @@ include: "rules/package.smk"
 rule all:
     default_target: True
     input:
-        all_bundles(),
+        all_targets,

@@ -2,20 +2,16 @@
 
 import json
 import re
-import os
-import shutil
-import sys
 from pathlib import Path
+
+import os
 
 from scripts import layout
 from scripts.common import WorkflowError
 from scripts.quantization import QUANTIZATIONS
-from scripts.workflow_config import check_config
+from scripts.workflow_config import check_config, put_interpreter_first_on_path
 
-# Jobs run `python`: make it the interpreter running Snakemake unless a conda env provides one.
-_bin = os.path.dirname(sys.executable)
-if os.environ.get("PATH", "").split(os.pathsep)[0] != _bin:
-    os.environ["PATH"] = _bin + os.pathsep + os.environ.get("PATH", "")
+put_interpreter_first_on_path()
 
 check_config(config, Path(workflow.basedir))
 
@@ -37,8 +33,27 @@ wildcard_constraints:
 
 def all_bundles():
     return [
-        layout.dist_dir(m, q) for m in config["build_models"] for q in config["quantizations"]
+        layout.dist_dir(m, q)
+        for m in config["build_models"]
+        for q in config["quantizations"]
     ]
+
+
+def all_targets(wildcards):
+    """Every bundle, plus every shard of its tensor cache once its plan exists.
+
+    Snakemake treats a missing intermediate file as harmless when the files asked for are up to
+    date, so the shards are asked for explicitly: deleting one reruns its conversion job and what
+    depends on it (index, app config, bundle) instead of being silently ignored. Before a plan
+    exists the bundles alone are asked for, so a dry run still shows every job.
+    """
+    targets = all_bundles()
+    for m in config["build_models"]:
+        for q in config["quantizations"]:
+            plan = layout.weight_plan(m, q)
+            if os.path.exists(plan):
+                targets += planned_shards(plan, m, q)
+    return targets
 
 
 def model_spec(wildcards):
@@ -84,16 +99,26 @@ def generate_args(wildcards):
 def template_json(wildcards):
     """The model's conversation template, serialised: a change reruns gen_config and its dependants."""
     name = model_spec(wildcards)["conv_template"]
-    return json.dumps(config["conv_templates"][name], ensure_ascii=False, sort_keys=True)
+    return json.dumps(
+        config["conv_templates"][name], ensure_ascii=False, sort_keys=True
+    )
+
+
+def shard_paths(model, quant):
+    """Shards named by the conversion plan (known once the weight_plan checkpoint has run)."""
+    plan_path = checkpoints.weight_plan.get(model=model, quant=quant).output.plan
+    return planned_shards(plan_path, model, quant)
+
+
+def planned_shards(plan_path, model, quant):
+    with open(plan_path) as handle:
+        plan = json.load(handle)
+    d = layout.params_dir(model, quant)
+    return [f"{d}/{s['dataPath']}" for s in plan["shards"]]
 
 
 def shard_files(wildcards):
-    """Shards named by the conversion plan (known once the weight_plan checkpoint has run)."""
-    plan_path = checkpoints.weight_plan.get(model=wildcards.model, quant=wildcards.quant).output.plan
-    with open(plan_path) as handle:
-        plan = json.load(handle)
-    d = layout.params_dir(wildcards.model, wildcards.quant)
-    return [f"{d}/{s['dataPath']}" for s in plan["shards"]]
+    return shard_paths(wildcards.model, wildcards.quant)
 
 
 def bundle_libs(wildcards):
@@ -108,4 +133,6 @@ def not_a_bundle():
 
 def reject_bundle(wildcards):
     allowed = ", ".join(layout.bundle_id(m, q) for m in MODELS for q in QUANTIZATIONS)
-    raise WorkflowError(f"unknown bundle dist/{wildcards.bundle}; allowed: dist/<model>-<quant> with {allowed}")
+    raise WorkflowError(
+        f"unknown bundle dist/{wildcards.bundle}; allowed: dist/<model>-<quant> with {allowed}"
+    )

@@ -6,20 +6,20 @@ rule compile:
         chat_config="build/{model}/{quant}/mlc-chat-config.json",
     output:
         lib="build/{model}/{quant}/lib/{model}-{quant}-{target}.{ext}",
-    params:
-        prefix=lambda w: layout.system_lib_prefix(w.model, w.quant),
-        backend=BACKEND,
     log:
         "logs/{model}/{quant}/compile_{target}.{ext}.log",
     benchmark:
         "benchmarks/{model}/{quant}/compile_{target}.{ext}.tsv"
+    conda:
+        "../envs/tvm.yaml"
+    threads: 2
     resources:
         mem_mb=8000,
         runtime=60,
         gpu=lambda w: 1 if w.target == "cuda" else 0,
-    threads: 2
-    conda:
-        "../envs/tvm.yaml"
+    params:
+        prefix=lambda w: layout.system_lib_prefix(w.model, w.quant),
+        backend=BACKEND,
     shell:
         "python scripts/compile.py {input.chat_config} --device {wildcards.target}"
         " --system-lib-prefix {params.prefix} --backend {params.backend} -o {output.lib} > {log} 2>&1"

@@ -7,6 +7,13 @@ rule gen_config:
         tokenizer="build/{model}/tokenizer/tokenizer.json",
     output:
         chat_config="build/{model}/{quant}/mlc-chat-config.json",
+    log:
+        "logs/{model}/{quant}/gen_config.log",
+    conda:
+        "../envs/tvm.yaml"
+    resources:
+        mem_mb=1000,
+        runtime=5,
     params:
         model_dir=lambda w: layout.snapshot_dir(w.model),
         tokenizer_dir=lambda w: layout.tokenizer_dir(w.model),
@@ -14,13 +21,6 @@ rule gen_config:
         max_seq_len=config["max_seq_len"],
         template=lambda w: model_spec(w)["conv_template"],
         template_json=template_json,
-    log:
-        "logs/{model}/{quant}/gen_config.log",
-    resources:
-        mem_mb=1000,
-        runtime=5,
-    conda:
-        "../envs/tvm.yaml"
     shell:
         "python scripts/gen_config.py {params.model_dir} --quantization {wildcards.quant}"
         " --conv-template {params.template} --conv-template-json {params.template_json:q}"

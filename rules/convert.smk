@@ -6,15 +6,15 @@ checkpoint weight_plan:
         snapshot="resources/models/{model}/snapshot.json",
     output:
         plan="build/{model}/{quant}/weight-plan.json",
-    params:
-        model_dir=lambda w: layout.snapshot_dir(w.model),
     log:
         "logs/{model}/{quant}/weight_plan.log",
+    conda:
+        "../envs/tvm.yaml"
     resources:
         mem_mb=1000,
         runtime=10,
-    conda:
-        "../envs/tvm.yaml"
+    params:
+        model_dir=lambda w: layout.snapshot_dir(w.model),
     shell:
         "python scripts/convert_weight.py {params.model_dir} --quantization {wildcards.quant}"
         " -o {params.model_dir} --plan-only {output.plan} > {log} 2>&1"
@@ -25,18 +25,18 @@ rule convert_shard:
         plan="build/{model}/{quant}/weight-plan.json",
     output:
         shard="build/{model}/{quant}/params/params_shard_{shard}.bin",
-    params:
-        model_dir=lambda w: layout.snapshot_dir(w.model),
-        out=lambda w: layout.params_dir(w.model, w.quant),
     log:
         "logs/{model}/{quant}/convert_shard_{shard}.log",
     benchmark:
         "benchmarks/{model}/{quant}/convert_shard_{shard}.tsv"
+    conda:
+        "../envs/tvm.yaml"
     resources:
         mem_mb=3000,
         runtime=30,
-    conda:
-        "../envs/tvm.yaml"
+    params:
+        model_dir=lambda w: layout.snapshot_dir(w.model),
+        out=lambda w: layout.params_dir(w.model, w.quant),
     shell:
         "python scripts/convert_weight.py {params.model_dir} --quantization {wildcards.quant}"
         " --plan {input.plan} --shard {wildcards.shard} -o {params.out} > {log} 2>&1"
@@ -48,16 +48,16 @@ rule weights_index:
         shards=shard_files,
     output:
         index="build/{model}/{quant}/params/tensor-cache.json",
-    params:
-        model_dir=lambda w: layout.snapshot_dir(w.model),
-        out=lambda w: layout.params_dir(w.model, w.quant),
     log:
         "logs/{model}/{quant}/weights_index.log",
+    conda:
+        "../envs/tvm.yaml"
     resources:
         mem_mb=1000,
         runtime=15,
-    conda:
-        "../envs/tvm.yaml"
+    params:
+        model_dir=lambda w: layout.snapshot_dir(w.model),
+        out=lambda w: layout.params_dir(w.model, w.quant),
     shell:
         "python scripts/convert_weight.py {params.model_dir} --quantization {wildcards.quant}"
         " --plan {input.plan} --index -o {params.out} > {log} 2>&1"

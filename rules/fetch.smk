@@ -8,19 +8,19 @@ rule generate_tiny_model:
         config="resources/generated/{model}/config.json",
         weights="resources/generated/{model}/model.safetensors",
         tokenizer="resources/generated/{model}/tokenizer.json",
-    params:
-        args=generate_args,
-        out=lambda w: layout.generated_dir(w.model),
     log:
         "logs/{model}/generate_tiny_model.log",
     benchmark:
         "benchmarks/{model}/generate_tiny_model.tsv"
+    conda:
+        "../envs/hf.yaml"
+    threads: 2
     resources:
         mem_mb=3000,
         runtime=20,
-    threads: 2
-    conda:
-        "../envs/hf.yaml"
+    params:
+        args=generate_args,
+        out=lambda w: layout.generated_dir(w.model),
     shell:
         "python scripts/make_tiny_model.py -o {params.out} {params.args} > {log} 2>&1"
 
@@ -31,17 +31,17 @@ rule fetch_model:
     output:
         config="resources/models/{model}/config.json",
         snapshot="resources/models/{model}/snapshot.json",
-    params:
-        source=fetch_source_args,
-        out=lambda w: layout.snapshot_dir(w.model),
     log:
         "logs/{model}/fetch_model.log",
     benchmark:
         "benchmarks/{model}/fetch_model.tsv"
+    conda:
+        "../envs/hf.yaml"
     resources:
         mem_mb=2000,
         runtime=120,
-    conda:
-        "../envs/hf.yaml"
+    params:
+        source=fetch_source_args,
+        out=lambda w: layout.snapshot_dir(w.model),
     shell:
         "python scripts/fetch_model.py {params.source} -o {params.out} > {log} 2>&1"

@@ -8,20 +8,22 @@ rule app_config:
     output:
         seed="build/{model}/{quant}/app-config.json",
         mlc="build/{model}/{quant}/mlc-app-config.json",
+    log:
+        "logs/{model}/{quant}/app_config.log",
+    conda:
+        "../envs/tvm.yaml"
+    resources:
+        mem_mb=500,
+        runtime=5,
     params:
         model_id=lambda w: layout.bundle_id(w.model, w.quant),
         model_lib=lambda w: layout.system_lib_prefix(w.model, w.quant),
         url=lambda w: (
-            f"--model-url {model_spec(w)['model_url']}" if model_spec(w).get("model_url") else ""
+            f"--model-url {model_spec(w)['model_url']}"
+            if model_spec(w).get("model_url")
+            else ""
         ),
         params_dir=lambda w: layout.params_dir(w.model, w.quant),
-    log:
-        "logs/{model}/{quant}/app_config.log",
-    resources:
-        mem_mb=500,
-        runtime=5,
-    conda:
-        "../envs/tvm.yaml"
     shell:
         "python scripts/package.py app-config --model-id {params.model_id} --model-lib {params.model_lib}"
         " {params.url} --params {params.params_dir} --chat-config {input.chat_config}"
@@ -40,6 +42,13 @@ rule package:
         snapshot="resources/models/{model}/snapshot.json",
     output:
         bundle=directory("dist/{model}-{quant}"),
+    log:
+        "logs/{model}/{quant}/package.log",
+    conda:
+        "../envs/tvm.yaml"
+    resources:
+        mem_mb=1000,
+        runtime=30,
     params:
         model_id=lambda w: layout.bundle_id(w.model, w.quant),
         params_dir=lambda w: layout.params_dir(w.model, w.quant),
@@ -47,13 +56,6 @@ rule package:
         libs=lambda w, input: " ".join(f"--lib {p}" for p in input.libs),
         targets=" ".join(f"--target {t}" for t in TARGETS_BUILT),
         max_seq_len=config["max_seq_len"],
-    log:
-        "logs/{model}/{quant}/package.log",
-    resources:
-        mem_mb=1000,
-        runtime=30,
-    conda:
-        "../envs/tvm.yaml"
     shell:
         "python scripts/package.py bundle --model-id {params.model_id} --params {params.params_dir}"
         " --chat-config {input.chat_config} --tokenizer {params.tokenizer_dir} {params.libs}"
@@ -63,14 +65,15 @@ rule package:
 
 
 rule unknown_bundle:
-    wildcard_constraints:
-        bundle=not_a_bundle(),
     input:
         reject_bundle,
     output:
         directory("dist/{bundle}"),
     log:
         "logs/unknown_bundle/{bundle}.log",
+    wildcard_constraints:
+        bundle=not_a_bundle(),
+    conda:
+        "../envs/tvm.yaml"
     shell:
         "false"
-

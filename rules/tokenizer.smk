@@ -6,15 +6,15 @@ rule tokenizer:
         snapshot="resources/models/{model}/snapshot.json",
     output:
         tokenizer="build/{model}/tokenizer/tokenizer.json",
-    params:
-        model_dir=lambda w: layout.snapshot_dir(w.model),
-        out=lambda w: layout.tokenizer_dir(w.model),
     log:
         "logs/{model}/tokenizer.log",
+    conda:
+        "../envs/hf.yaml"
     resources:
         mem_mb=4000,
         runtime=15,
-    conda:
-        "../envs/hf.yaml"
+    params:
+        model_dir=lambda w: layout.snapshot_dir(w.model),
+        out=lambda w: layout.tokenizer_dir(w.model),
     shell:
         "python scripts/make_tokenizer.py {params.model_dir} -o {params.out} > {log} 2>&1"

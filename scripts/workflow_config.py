@@ -9,6 +9,8 @@ against the registries (quantizations, targets, templates) and ``max_seq_len`` a
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -59,3 +61,15 @@ def check_config(config: dict[str, Any], root: Path) -> None:
             )
     if n <= 0:
         raise WorkflowError(f"max_seq_len {n} is out of range; allowed: a positive integer")
+
+
+def put_interpreter_first_on_path() -> None:
+    """Jobs run ``python``: make it the interpreter running Snakemake (a conda env, if used, wins).
+
+    Why: a user who starts ``.venv/bin/snakemake`` without activating the venv would otherwise run
+    the jobs with whatever ``python`` the shell finds first, lacking the pinned packages.
+    """
+    bin_dir = os.path.dirname(sys.executable)
+    path = os.environ.get("PATH", "")
+    if path.split(os.pathsep)[0] != bin_dir:
+        os.environ["PATH"] = bin_dir + os.pathsep + path

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Create .venv with the pinned, CPU-only dependencies. Idempotent; needs Python 3.11 and pip access
+# to PyPI (torch==2.13.0 comes from the local CPU wheel where one is provided).
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -r requirements.txt
+.venv/bin/python -c "import tvm, torch, snakemake; print('ready: tvm', tvm.__version__, '| torch', torch.__version__, '| snakemake', snakemake.__version__)"

@@ -1,0 +1,209 @@
+"""The Snakemake graph: dry-run plans, the offline tiny build, reruns and bad input.
+
+Every plan assertion reads Snakemake's own dry-run job table (``snakemake -n``), never mtimes set by
+hand. The tiny build runs once per module in a private copy of the workflow.
+"""
+
+import json
+import re
+import shutil
+
+import pytest
+import yaml
+
+from conftest import copy_workflow, run_snakemake
+from scripts.common import sha256_file
+
+REAL = "japanese-large-lm-3.6b-instruction-sft"
+TINY = "tiny-neox-ja"
+
+
+def planned_jobs(output: str) -> dict[str, int]:
+    """The 'Job stats' table of a dry run as {rule: count} (empty when nothing is to be done)."""
+    if "Nothing to be done" in output:
+        return {}
+    table = output.split("Job stats:", 1)[1]
+    jobs = {}
+    for line in table.splitlines()[3:]:
+        m = re.match(r"^(\w+)\s+(\d+)$", line.strip())
+        if not m or m.group(1) == "total":
+            break
+        jobs[m.group(1)] = int(m.group(2))
+    return jobs
+
+
+@pytest.fixture()
+def wf(tmp_path):
+    return copy_workflow(tmp_path)
+
+
+def test_real_model_dry_run_plans_every_step_offline(wf, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    proc = run_snakemake(wf, "-n", f"dist/{REAL}-q4f16_0")
+    assert planned_jobs(proc.stdout) == {
+        "fetch_model": 1, "tokenizer": 1, "weight_plan": 1, "weights_index": 1,
+        "gen_config": 1, "compile": 1, "app_config": 1, "package": 1,
+    }
+    assert f"build/{REAL}/q4f16_0/lib/{REAL}-q4f16_0-iphone.tar" in proc.stdout
+    assert not (wf / "resources").exists() and not (wf / "build").exists()
+
+
+def test_real_default_target_and_command_line_knobs(wf):
+    jobs = planned_jobs(run_snakemake(wf, "-n").stdout)
+    assert jobs == {
+        "fetch_model": 1, "tokenizer": 1, "weight_plan": 2, "weights_index": 2,
+        "gen_config": 2, "compile": 2, "app_config": 2, "package": 2, "all": 1,
+    }
+    out = run_snakemake(wf, "-n", "-p", "--config", "target=metal", "max_seq_len=512", "quantizations=[q4f16_1]").stdout
+    assert planned_jobs(out)["package"] == 1
+    assert f"{REAL}-q4f16_1-metal.tar" in out
+    assert "--context-window-size 512" in out
+
+
+@pytest.fixture(scope="module")
+def tiny_build(tmp_path_factory):
+    wf = copy_workflow(tmp_path_factory.mktemp("tiny-wf"))
+    run_snakemake(wf, "--configfile", "config/tiny.yaml")
+    return wf
+
+
+def test_tiny_build_produces_complete_bundles(tiny_build):
+    for quant in ("q0f16", "q4f16_0"):
+        dist = tiny_build / "dist" / f"{TINY}-{quant}"
+        manifest = json.loads((dist / "MANIFEST.json").read_text())
+        files = {str(p.relative_to(dist)) for p in dist.rglob("*") if p.is_file()} - {"MANIFEST.json", ".snakemake_timestamp"}  # the latter is Snakemake's directory-output marker
+        assert set(manifest["files"]) == files
+        for rel, rec in manifest["files"].items():
+            assert sha256_file(dist / rel) == rec["sha256"] and (dist / rel).stat().st_size == rec["size"]
+        assert manifest["provenance"]["quantization"] == quant
+        assert manifest["provenance"]["max_seq_len"] == 256
+        assert manifest["provenance"]["targets"] == ["iphone", "llvm"]
+        assert "apache-tvm" in manifest["tools"] and "transformers" in manifest["tools"]
+        model_dir = dist / "bundle" / f"{TINY}-{quant}"
+        for name in ("tensor-cache.json", "params_shard_0.bin", "mlc-chat-config.json", "tokenizer.json"):
+            assert (model_dir / name).is_file(), name
+        assert (dist / "lib" / f"{TINY}-{quant}-iphone.tar").is_file()
+        assert (dist / "lib" / f"{TINY}-{quant}-llvm.so").is_file()
+        seed = json.loads((dist / "app-config.json").read_text())
+        assert seed["model_libs"] == [f"{TINY}-{quant}"]
+        assert seed["model_list"][0]["local_id"] == f"{TINY}-{quant}" and seed["add_model_samples"] == []
+        app = json.loads((dist / "bundle" / "mlc-app-config.json").read_text())["model_list"][0]
+        assert (dist / "bundle" / app["model_path"] / "mlc-chat-config.json").is_file()
+        params_bytes = json.loads((model_dir / "tensor-cache.json").read_text())["metadata"]["ParamBytes"]
+        assert app["estimated_vram_bytes"] > params_bytes
+        cfg = json.loads((model_dir / "mlc-chat-config.json").read_text())
+        assert cfg["context_window_size"] == 256 and cfg["conv_template"]["name"] == "line_llm"
+
+
+def test_rerun_nothing_when_up_to_date(tiny_build):
+    assert planned_jobs(run_snakemake(tiny_build, "-n", "--configfile", "config/tiny.yaml").stdout) == {}
+
+
+def test_max_seq_len_change_reruns_config_compile_and_package_only(tiny_build):
+    out = run_snakemake(tiny_build, "-n", "--configfile", "config/tiny.yaml", "--config", "max_seq_len=128").stdout
+    # app_config reruns too: its estimated_vram_bytes includes the KV cache of the context window.
+    assert planned_jobs(out) == {"gen_config": 2, "compile": 4, "app_config": 2, "package": 2, "all": 1}
+
+
+def test_new_quantization_reuses_fetch_and_tokenizer(tiny_build):
+    out = run_snakemake(tiny_build, "-n", "--configfile", "config/tiny.yaml", "--config", "quantizations=[q0f16,q4f16_0,q4f16_1]").stdout
+    assert planned_jobs(out) == {
+        "weight_plan": 1, "weights_index": 1, "gen_config": 1, "compile": 2, "app_config": 1, "package": 1, "all": 1,
+    }
+    assert "q4f16_1" in out and "fetch_model" not in out and "rule tokenizer" not in out
+
+
+def test_template_change_reruns_chat_config_and_dependants(tiny_build):
+    tiny = yaml.safe_load((tiny_build / "config" / "tiny.yaml").read_text())
+    tiny["conv_templates"] = {"line_llm": {**yaml.safe_load((tiny_build / "config.yaml").read_text())["conv_templates"]["line_llm"], "stop_str": ["</s>", "<NL>"]}}
+    (tiny_build / "changed.yaml").write_text(yaml.safe_dump(tiny, allow_unicode=True))
+    out = run_snakemake(tiny_build, "-n", "--configfile", "changed.yaml").stdout
+    assert planned_jobs(out) == {"gen_config": 2, "compile": 4, "app_config": 2, "package": 2, "all": 1}
+
+
+def test_deleted_shard_reruns_only_weights_and_dependants(tiny_build):
+    shard = tiny_build / "build" / TINY / "q4f16_0" / "params" / "params_shard_0.bin"
+    manifest = json.loads((tiny_build / "dist" / f"{TINY}-q4f16_0" / "MANIFEST.json").read_text())
+    shard.unlink()
+    out = run_snakemake(tiny_build, "-n", "--configfile", "config/tiny.yaml").stdout
+    assert planned_jobs(out) == {"convert_shard": 1, "weights_index": 1, "app_config": 1, "package": 1, "all": 1}
+    run_snakemake(tiny_build, "--configfile", "config/tiny.yaml")
+    again = json.loads((tiny_build / "dist" / f"{TINY}-q4f16_0" / "MANIFEST.json").read_text())
+    assert {k: v["sha256"] for k, v in again["files"].items()} == {k: v["sha256"] for k, v in manifest["files"].items()}
+
+
+def test_chat_runner_answers_from_the_tiny_bundle(tiny_build):
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "scripts/chat.py", f"dist/{TINY}-q0f16", "--prompt", "日本の首都はどこですか?", "--max-tokens", "12"],
+        cwd=tiny_build, capture_output=True, text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip()
+
+
+# --- bad input: each stops before any job runs, with one line naming the value and what is allowed
+
+
+def _fails(wf, *args):
+    proc = run_snakemake(wf, "-n", *args, check=False)
+    assert proc.returncode != 0
+    assert "Job stats" not in proc.stdout
+    return proc.stdout + proc.stderr
+
+
+def test_unknown_quantization_in_config(wf):
+    err = _fails(wf, "--config", "quantizations=[q5f16]")
+    assert "unknown quantization 'q5f16' in config; allowed: q0f32, q0f16, q4f16_0, q4f16_1, q4f32_1, q3f16_1" in err
+
+
+def test_unknown_model_or_quantization_in_target(wf):
+    err = _fails(wf, "dist/no-such-model-q4f16_0")
+    assert "unknown bundle dist/no-such-model-q4f16_0; allowed:" in err and f"{REAL}-q4f16_0" in err
+    err = _fails(wf, f"dist/{REAL}-q9f16")
+    assert f"unknown bundle dist/{REAL}-q9f16" in err
+
+
+@pytest.mark.parametrize("value,expected", [
+    ("0", "max_seq_len"),
+    ("5000", "max_seq_len 5000 is out of range for model 'tiny-neox-ja'; allowed: 1..1024 (max_position_embeddings)"),
+])
+def test_max_seq_len_out_of_range(wf, value, expected):
+    err = _fails(wf, "--configfile", "config/tiny.yaml", "--config", f"max_seq_len={value}")
+    assert expected in err
+    if value == "0":
+        assert "0 is less than the minimum of 1" in err
+
+
+def test_template_missing_a_field(wf):
+    (wf / "bad.yaml").write_text(yaml.safe_dump({"conv_templates": {"broken": {"system_message": "", "roles": {"user": "u", "assistant": "a"}}},
+                                                 "models": {REAL: {"conv_template": "broken"}}}))
+    err = _fails(wf, "--configfile", "bad.yaml")
+    assert "'role_content_sep' is a required property" in err
+
+
+def test_local_path_without_config_json(wf, tmp_path):
+    empty = tmp_path / "empty-model"
+    empty.mkdir()
+    (wf / "local.yaml").write_text(yaml.safe_dump({"build_models": ["local"], "models": {"local": {"local_path": str(empty), "revision": "v1", "conv_template": "line_llm"}}}))
+    err = _fails(wf, "--configfile", "local.yaml")
+    assert f"model 'local': local_path {empty} has no config.json" in err
+
+
+def test_local_path_without_tokenizer_fails_at_first_job(wf, tmp_path, fixtures_dir):
+    model = tmp_path / "no-tok"
+    shutil.copytree(fixtures_dir / "model", model)
+    (model / "tokenizer.json").unlink()
+    (wf / "local.yaml").write_text(yaml.safe_dump({"build_models": ["local"], "models": {"local": {"local_path": str(model), "revision": "v1", "conv_template": "line_llm"}}, "max_seq_len": 256}))
+    proc = run_snakemake(wf, "--configfile", "local.yaml", check=False)
+    assert proc.returncode != 0
+    log = (wf / "logs" / "local" / "fetch_model.log").read_text()
+    assert log.strip().splitlines()[-1] == f"error: model directory {model} has no tokenizer (one of tokenizer.json, tokenizer.model, spiece.model, vocab.json, sentencepiece.bpe.model)"
+    assert not (wf / "resources" / "models" / "local").exists() or not any((wf / "resources" / "models" / "local").iterdir())
+
+
+def test_lint_is_clean(wf):
+    proc = run_snakemake(wf, "--lint", check=False)
+    assert proc.returncode == 0 and "Congratulations" in proc.stdout + proc.stderr
