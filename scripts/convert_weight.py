@@ -17,7 +17,9 @@ Peak memory: one source tensor plus its quantization temporaries, processed in r
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,7 +36,8 @@ from scripts.quantization import QUANTIZATIONS, Quantization, get_quantization, 
 from scripts.tensor_cache import DEFAULT_SHARD_CAP_MB, ShardPlan, encode, plan_shards, write_index, write_shard
 
 FFN_OUT_DTYPE = "float32"  # MLC's GPT-NeoX keeps the MLP biases in float32 (ffn_out_dtype)
-_ROW_BLOCK_ELEMS = 1 << 24  # quantize in blocks of ~16 M elements to bound temporaries
+_ROW_BLOCK_ELEMS = 1 << 20  # ~1 M elements per block: temporaries stay in cache, memory stays bounded
+_POOL = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)))
 
 
 @dataclass(frozen=True)
@@ -138,9 +141,10 @@ def _reorder_qkv(value: np.ndarray, heads: int) -> np.ndarray:
 
 
 def _quantize_blocked(weight: np.ndarray, quant: Quantization) -> tuple[np.ndarray, np.ndarray]:
+    """Quantize row blocks on a small thread pool (numpy releases the GIL in these loops)."""
     rows, k = weight.shape
     step = max(1, _ROW_BLOCK_ELEMS // max(k, 1))
-    parts = [quantize(weight[i : i + step], quant) for i in range(0, rows, step)]
+    parts = list(_POOL.map(lambda i: quantize(weight[i : i + step], quant), range(0, rows, step)))
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
