@@ -16,6 +16,9 @@ configfile: "config.yaml"
 validate(config, "config/config.schema.yaml")
 
 
+report: "report/workflow.rst"
+
+
 include: "rules/common.smk"
 include: "rules/fetch.smk"
 include: "rules/tokenizer.smk"
@@ -23,6 +26,7 @@ include: "rules/convert.smk"
 include: "rules/config.smk"
 include: "rules/compile.smk"
 include: "rules/package.smk"
+include: "rules/evaluate.smk"
 
 
 rule all:

@@ -17,6 +17,11 @@ check_config(config, Path(workflow.basedir))
 
 MODELS = config["models"]
 BACKEND = config.get("backend", "native")
+GGUF_TYPES = [
+    "Q4_0",
+    "Q4_1",
+    "Q8_0",
+]  # peers from the gguf package, see scripts/evaluate.py
 TARGETS_BUILT = [config["target"], *config.get("extra_targets", [])]
 
 
@@ -29,6 +34,7 @@ wildcard_constraints:
     quant=_alternation(QUANTIZATIONS),
     target=_alternation(layout.TARGETS),
     shard=r"\d+",
+    gtype="|".join(GGUF_TYPES),
 
 
 def all_bundles():
@@ -136,3 +142,34 @@ def reject_bundle(wildcards):
     raise WorkflowError(
         f"unknown bundle dist/{wildcards.bundle}; allowed: dist/<model>-<quant> with {allowed}"
     )
+
+
+def eval_text_input(wildcards):
+    ev = config.get("evaluation", {})
+    return [] if ev.get("hf_dataset") else [ev.get("text", "data/eval_ja.txt")]
+
+
+def eval_source_args(wildcards):
+    ev = config.get("evaluation", {})
+    if ev.get("hf_dataset"):
+        src = f"--hf-dataset {ev['hf_dataset']} --split {ev.get('split', 'test')}"
+    else:
+        src = f"--text {ev.get('text', 'data/eval_ja.txt')}"
+    return f"{src} --max-tokens {ev.get('max_tokens', 4096)}"
+
+
+def eval_mem_mb(wildcards):
+    """float32 reference model + bundle: 4 bytes per parameter twice, plus 2 GB of headroom."""
+    g = MODELS[wildcards.model].get("generate")
+    if g:
+        return 3000
+    return (
+        2000 + 10 * 3600
+    )  # 3.6 B parameters × ~10 bytes (fp32 reference, activations, bundle)
+
+
+def quality_reports(wildcards):
+    m = wildcards.model
+    return [f"reports/{m}/{q}/quality.json" for q in config["quantizations"]] + [
+        f"reports/{m}/gguf-{g}/quality.json" for g in GGUF_TYPES
+    ]

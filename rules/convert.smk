@@ -23,6 +23,8 @@ checkpoint weight_plan:
 rule convert_shard:
     input:
         plan="build/{model}/{quant}/weight-plan.json",
+        # the weights themselves: the plan only lists shapes, so it is unchanged when values change
+        snapshot="resources/models/{model}/snapshot.json",
     output:
         shard="build/{model}/{quant}/params/params_shard_{shard}.bin",
     log:

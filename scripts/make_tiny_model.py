@@ -100,7 +100,8 @@ def make_model(
         if train_steps:
             from scripts.train_tiny import train
 
-            train(model, tmp, corpus, train_steps, seed)
+            losses = train(model, tmp, corpus, train_steps, seed)
+            print(f"trained {train_steps} steps: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
         model = model.to(torch.float16)
         model.save_pretrained(tmp, safe_serialization=True)
 

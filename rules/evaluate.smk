@@ -1,0 +1,87 @@
+# Quality and speed reports: every bundle and the gguf peers against the float32 reference.
+
+
+rule evaluate:
+    input:
+        snapshot="resources/models/{model}/snapshot.json",
+        index="build/{model}/{quant}/params/tensor-cache.json",
+        chat_config="build/{model}/{quant}/mlc-chat-config.json",
+        tokenizer="build/{model}/tokenizer/tokenizer.json",
+        lib="build/{model}/{quant}/lib/{model}-{quant}-llvm.so",
+        text=eval_text_input,
+    output:
+        quality="reports/{model}/{quant}/quality.json",
+    log:
+        "logs/{model}/{quant}/evaluate.log",
+    benchmark:
+        "benchmarks/{model}/{quant}/evaluate.tsv"
+    conda:
+        "../envs/report.yaml"
+    threads: 2
+    resources:
+        mem_mb=eval_mem_mb,
+        runtime=120,
+    params:
+        model_dir=lambda w: layout.snapshot_dir(w.model),
+        params_dir=lambda w: layout.params_dir(w.model, w.quant),
+        source=eval_source_args,
+    shell:
+        "python scripts/evaluate.py {params.model_dir} --params {params.params_dir} --lib {input.lib}"
+        " --chat-config {input.chat_config} {params.source} -o {output.quality} > {log} 2>&1"
+
+
+rule evaluate_gguf:
+    input:
+        snapshot="resources/models/{model}/snapshot.json",
+        tokenizer="build/{model}/tokenizer/tokenizer.json",
+        text=eval_text_input,
+    output:
+        quality="reports/{model}/gguf-{gtype}/quality.json",
+    log:
+        "logs/{model}/gguf-{gtype}/evaluate.log",
+    benchmark:
+        "benchmarks/{model}/gguf-{gtype}/evaluate.tsv"
+    conda:
+        "../envs/report.yaml"
+    threads: 2
+    resources:
+        mem_mb=eval_mem_mb,
+        runtime=120,
+    params:
+        model_dir=lambda w: layout.snapshot_dir(w.model),
+        source=eval_source_args,
+        window=config["max_seq_len"],
+    shell:
+        "python scripts/evaluate.py {params.model_dir} --gguf-type {wildcards.gtype}"
+        " --window {params.window} {params.source} -o {output.quality} > {log} 2>&1"
+
+
+rule summarize:
+    input:
+        quality_reports,
+    output:
+        csv=report(
+            "reports/{model}/summary.csv",
+            caption="../report/summary.rst",
+            category="Quality",
+        ),
+        png=report(
+            "reports/{model}/quality_vs_size.png",
+            caption="../report/plot.rst",
+            category="Quality",
+        ),
+    log:
+        "logs/{model}/summarize.log",
+    conda:
+        "../envs/report.yaml"
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    shell:
+        "python scripts/summarize.py {input} --csv {output.csv} --png {output.png}"
+        " --title {wildcards.model} > {log} 2>&1"
+
+
+rule reports:
+    input:
+        expand("reports/{model}/summary.csv", model=config["build_models"]),
