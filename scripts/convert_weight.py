@@ -32,7 +32,7 @@ import numpy as np
 
 from scripts.common import WorkflowError, atomic_path, read_json, run_cli, write_json
 from scripts.hf_checkpoint import NeoXArch, TensorIndex, load_arch
-from scripts.quantization import QUANTIZATIONS, Quantization, get_quantization, quantize
+from scripts.quantization import QUANTIZATIONS, Quantization, get_quantization, quantize_fast
 from scripts.tensor_cache import DEFAULT_SHARD_CAP_MB, ShardPlan, encode, plan_shards, write_index, write_shard
 
 FFN_OUT_DTYPE = "float32"  # MLC's GPT-NeoX keeps the MLP biases in float32 (ffn_out_dtype)
@@ -141,11 +141,25 @@ def _reorder_qkv(value: np.ndarray, heads: int) -> np.ndarray:
 
 
 def _quantize_blocked(weight: np.ndarray, quant: Quantization) -> tuple[np.ndarray, np.ndarray]:
-    """Quantize row blocks on a small thread pool (numpy releases the GIL in these loops)."""
+    """Quantize row blocks on a small thread pool (numpy and torch release the GIL in these loops).
+
+    Each block runs single-threaded inside (torch's own intra-op threads would oversubscribe the
+    pool), so the pool's width is the parallelism.
+    """
+    _single_threaded_torch()
     rows, k = weight.shape
     step = max(1, _ROW_BLOCK_ELEMS // max(k, 1))
-    parts = list(_POOL.map(lambda i: quantize(weight[i : i + step], quant), range(0, rows, step)))
+    parts = list(_POOL.map(lambda i: quantize_fast(weight[i : i + step], quant), range(0, rows, step)))
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def _single_threaded_torch() -> None:
+    try:
+        import torch
+    except ImportError:
+        return
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
 
 
 class _Converter:
@@ -180,24 +194,51 @@ class _Converter:
         return value
 
 
-def convert_shard(plan: dict[str, Any], shard_id: int, out_dir: str | Path, index: TensorIndex | None = None) -> Path:
-    """Write ``params_shard_<shard_id>.bin`` of ``plan`` into ``out_dir``."""
+def encode_shard(plan: dict[str, Any], shard_id: int, conv: "_Converter") -> list[memoryview]:
+    """The bytes of shard ``shard_id``, tensor by tensor, in plan order."""
     if not 0 <= shard_id < len(plan["shards"]):
         raise WorkflowError(f"shard {shard_id} out of range; the plan has {len(plan['shards'])} shards")
+    return [encode(np.ascontiguousarray(conv.tensor(rec["name"]))) for rec in plan["shards"][shard_id]["records"]]
+
+
+def _shard_target(plan: dict[str, Any], shard_id: int, out_dir: str | Path) -> tuple[Path, int]:
     shard = plan["shards"][shard_id]
-    conv = _Converter(plan, index or TensorIndex(plan["model_dir"]))
-    chunks = [encode(np.ascontiguousarray(conv.tensor(rec["name"]))) for rec in shard["records"]]
-    path = Path(out_dir) / shard["dataPath"]
-    write_shard(path, chunks, sum(r["nbytes"] for r in shard["records"]))
-    return path
+    return Path(out_dir) / shard["dataPath"], sum(r["nbytes"] for r in shard["records"])
+
+
+def convert_shard(plan: dict[str, Any], shard_id: int, out_dir: str | Path, index: TensorIndex | None = None) -> str:
+    """Write ``params_shard_<shard_id>.bin`` of ``plan`` into ``out_dir``; return its md5."""
+    chunks = encode_shard(plan, shard_id, _Converter(plan, index or TensorIndex(plan["model_dir"])))
+    path, expected = _shard_target(plan, shard_id, out_dir)
+    return write_shard(path, chunks, expected)
 
 
 def _shard_plans(plan: dict[str, Any]) -> list[ShardPlan]:
     return [ShardPlan(s["dataPath"], s["records"]) for s in plan["shards"]]
 
 
-def write_plan_index(plan: dict[str, Any], out_dir: str | Path) -> None:
-    write_index(out_dir, _shard_plans(plan), plan["metadata"])
+def write_plan_index(plan: dict[str, Any], out_dir: str | Path, md5s: dict[str, str] | None = None) -> None:
+    write_index(out_dir, _shard_plans(plan), plan["metadata"], md5s)
+
+
+def _convert_pipelined(plan: dict[str, Any], out_dir: Path, index: TensorIndex) -> dict[str, str]:
+    """Compute shard i+1 while shard i is written and hashed: at most two shards in memory."""
+    conv = _Converter(plan, index)
+    md5s: dict[str, str] = {}
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        pending = None
+        for i, shard in enumerate(plan["shards"]):
+            chunks = encode_shard(plan, i, conv)
+            if pending is not None:
+                md5s[pending[0]] = pending[1].result()
+                index.release(pending[2])
+            path, expected = _shard_target(plan, i, out_dir)
+            sources = [conv.specs[r["name"]].source for r in shard["records"]]
+            pending = (shard["dataPath"], writer.submit(write_shard, path, chunks, expected), sources)
+        if pending is not None:
+            md5s[pending[0]] = pending[1].result()
+            index.release(pending[2])
+    return md5s
 
 
 def convert(model_dir: str | Path, quant_name: str, out_dir: str | Path, shard_cap_mb: int = DEFAULT_SHARD_CAP_MB) -> dict[str, Any]:
@@ -206,9 +247,8 @@ def convert(model_dir: str | Path, quant_name: str, out_dir: str | Path, shard_c
     index = TensorIndex(model_dir)
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
-        for i in range(len(plan["shards"])):
-            convert_shard(plan, i, tmp, index)
-        write_plan_index(plan, tmp)
+        md5s = _convert_pipelined(plan, tmp, index)
+        write_plan_index(plan, tmp, md5s)
     return plan
 
 

@@ -11,6 +11,7 @@ model touches kilobytes.
 from __future__ import annotations
 
 import json
+import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,6 +184,7 @@ class TensorIndex:
             for info in infos:
                 self.tensors[info.name] = info
         self._torch_cache: dict[Path, Any] = {}
+        self._maps: dict[Path, mmap.mmap] = {}
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
@@ -194,18 +196,37 @@ class TensorIndex:
             return self._read_torch(info)
         count = int(np.prod(info.shape)) if info.shape else 1
         raw_dtype = np.uint16 if info.dtype == "bfloat16" else np.dtype(info.dtype)
-        try:
-            with open(info.file, "rb") as handle:
-                handle.seek(info.offset)
-                data = handle.read(info.nbytes)
-        except OSError as err:
-            raise WorkflowError(f"cannot read tensor {name} from {info.file}: {err}") from None
-        if len(data) != info.nbytes:
+        mapped = self._map(info.file)
+        if info.offset + info.nbytes > len(mapped):
             raise WorkflowError(f"weight file {info.file} is truncated at tensor {name}")
-        arr = np.frombuffer(data, dtype=raw_dtype, count=count).reshape(info.shape)
+        # A read-only view of the page cache: no copy; the converter's first transform makes one.
+        arr = np.frombuffer(mapped, dtype=raw_dtype, count=count, offset=info.offset).reshape(info.shape)
         if info.dtype == "bfloat16":
             arr = (arr.astype(np.uint32) << 16).view(np.float32)
         return arr
+
+    def release(self, names: list[str]) -> None:
+        """Drop these tensors' mapped pages from this process (they stay in the page cache).
+
+        Why: mapped file pages count towards RSS; without this a conversion's RSS would grow to the
+        whole checkpoint's size although it only ever needs one tensor at a time.
+        """
+        page = mmap.PAGESIZE
+        for name in names:
+            info = self.tensors.get(name)
+            if info is None or info.offset < 0 or info.file not in self._maps:
+                continue
+            start = info.offset // page * page
+            self._maps[info.file].madvise(mmap.MADV_DONTNEED, start, info.offset + info.nbytes - start)
+
+    def _map(self, path: Path) -> mmap.mmap:
+        if path not in self._maps:
+            try:
+                with open(path, "rb") as handle:
+                    self._maps[path] = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+            except (OSError, ValueError) as err:
+                raise WorkflowError(f"cannot read weight file {path}: {err}") from None
+        return self._maps[path]
 
     def _read_torch(self, info: TensorInfo) -> np.ndarray:
         import torch

@@ -28,6 +28,7 @@ cache's concern (scripts/tensor_cache.py), not this module's.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -160,3 +161,52 @@ def dequantize(
     groups = codes.reshape(rows, q_scale.shape[1], quant.group_size)
     values = groups * q_scale.astype(np.float32)[:, :, None]
     return values.reshape(rows, -1)[:, :k]
+
+
+def quantize_fast(weight: np.ndarray, quant: Quantization) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`quantize` with PyTorch's vectorised CPU kernels: same bits, ~4x the throughput.
+
+    Why two implementations: numpy's float16→float32 cast and small-axis reductions are scalar
+    loops, and they dominate conversion time. The numpy :func:`quantize` stays the readable
+    specification; tests assert both produce identical words and scales (and the converter falls back
+    to it where torch is absent). The float32 bit tricks are the same, on int32 views.
+    """
+    try:
+        import torch
+    except ImportError:  # the pure-numpy path is always available
+        return quantize(weight, quant)
+    if quant.kind != "group-quant" or weight.ndim != 2 or weight.dtype != np.dtype(quant.model_dtype):
+        return quantize(weight, quant)
+    rows, k = weight.shape
+    k_pad = quant.padded_k(k)
+    if k_pad != k:
+        return quantize(weight, quant)
+    half = quant.model_dtype == "float16"
+    groups = k_pad // quant.group_size
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # read-only source buffer: torch only reads it
+        src = torch.from_numpy(np.ascontiguousarray(weight))
+    work = src.float().view(rows, groups, quant.group_size)
+    scale = (work.abs().amax(dim=2) / quant.max_int).to(src.dtype)
+    inv = scale.float().clone()  # .float() aliases a float32 scale; the zero fix must not touch it
+    inv[inv == 0] = 1
+    work = work / inv.unsqueeze(2)
+    if half:
+        _round_to_f16_grid_torch(work)
+    work += float(quant.max_int)
+    if half:
+        _round_to_f16_grid_torch(work)
+    work += float(_MAGIC_ROUND)
+    codes = work.view(torch.int32) - 0x4B000000
+    codes.clamp_(0, 2 * quant.max_int)
+    codes = codes.view(rows, k_pad // quant.elems_per_word, quant.elems_per_word)
+    packed = codes[:, :, 0].clone()
+    for j in range(1, quant.elems_per_word):
+        packed |= codes[:, :, j] << (quant.bits * j)
+    return packed.numpy().view(np.uint32), scale.numpy()
+
+
+def _round_to_f16_grid_torch(x: "torch.Tensor") -> None:  # noqa: F821 - torch imported by the caller
+    bits = x.view(__import__("torch").int32)
+    bits += 0x0FFF + ((bits >> 13) & 1)
+    bits &= -8192  # 0xFFFFE000 as int32

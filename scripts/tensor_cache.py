@@ -19,8 +19,10 @@ at once (TVM's "out-of-band" rule).
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,11 +55,11 @@ def stored_nbytes(shape: tuple[int, ...] | list[int], dtype: str) -> int:
     return count * (2 if dtype == "float32" else np.dtype(dtype).itemsize)
 
 
-def encode(value: np.ndarray) -> bytes:
-    """The bytes a tensor occupies in a shard."""
+def encode(value: np.ndarray) -> memoryview:
+    """The bytes a tensor occupies in a shard (a view: no copy for non-float32 tensors)."""
     if value.dtype == np.float32:
-        return f32_to_bf16(value).tobytes()
-    return np.ascontiguousarray(value).tobytes()
+        value = f32_to_bf16(value)
+    return memoryview(np.ascontiguousarray(value).reshape(-1).view(np.uint8))
 
 
 @dataclass
@@ -103,19 +105,39 @@ def plan_shards(
     return shards
 
 
-def write_shard(path: str | os.PathLike[str], chunks: list[bytes], expected: int) -> None:
-    """Write one shard atomically and check its size against the plan."""
-    total = sum(len(c) for c in chunks)
+def _md5(chunks: list[memoryview]) -> str:
+    digest = hashlib.md5()
+    for chunk in chunks:
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_shard(path: str | os.PathLike[str], chunks: list[memoryview], expected: int) -> str:
+    """Write one shard atomically, check its size against the plan; return its md5.
+
+    The digest is taken from the bytes in memory, on a second thread while the file is written
+    (both release the GIL), so the index never reads the shard back and hashing costs no wall time.
+    """
+    total = sum(c.nbytes for c in chunks)
     if total != expected:
         raise WorkflowError(f"shard {path}: produced {total} bytes, plan says {expected}")
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as handle:
-            for chunk in chunks:
-                handle.write(chunk)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        digest = pool.submit(_md5, chunks)
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as handle:
+                for chunk in chunks:
+                    handle.write(chunk)
+        return digest.result()
 
 
-def write_index(out_dir: str | os.PathLike[str], shards: list[ShardPlan], metadata: dict[str, Any]) -> None:
-    """Verify every shard on disk, then write ``tensor-cache.json`` (and the b16 variant) atomically."""
+def write_index(
+    out_dir: str | os.PathLike[str], shards: list[ShardPlan], metadata: dict[str, Any], md5s: dict[str, str] | None = None
+) -> None:
+    """Verify every shard on disk, then write ``tensor-cache.json`` (and the b16 variant) atomically.
+
+    ``md5s`` (data path → digest) comes from :func:`write_shard` when the same process wrote the
+    shards; otherwise each shard is hashed from disk.
+    """
     out_dir = Path(out_dir)
     records = []
     for shard in shards:
@@ -131,7 +153,7 @@ def write_index(out_dir: str | os.PathLike[str], shards: list[ShardPlan], metada
                 "format": "raw-shard",
                 "nbytes": shard.nbytes,
                 "records": shard.records,
-                "md5sum": md5_file(path),
+                "md5sum": (md5s or {}).get(shard.data_path) or md5_file(path),
             }
         )
     _dump(out_dir / "tensor-cache.json", {"metadata": metadata, "records": records})

@@ -89,26 +89,27 @@ def test_interrupted_conversion_leaves_no_output(fixtures_dir, tmp_path, monkeyp
     import scripts.convert_weight as cw
 
     calls = {"n": 0}
-    real = cw.convert_shard
+    real = cw.encode_shard
 
     def dying(*args, **kwargs):
         calls["n"] += 1
         raise KeyboardInterrupt  # as if killed while writing the first shard
 
-    monkeypatch.setattr(cw, "convert_shard", dying)
+    monkeypatch.setattr(cw, "encode_shard", dying)
     with pytest.raises(KeyboardInterrupt):
         cw.convert(fixtures_dir / "model", "q0f16", tmp_path / "params")
     assert calls["n"] == 1
     assert not (tmp_path / "params").exists()
     assert list(tmp_path.iterdir()) == []
-    monkeypatch.setattr(cw, "convert_shard", real)
+    monkeypatch.setattr(cw, "encode_shard", real)
 
 
 def test_index_refuses_short_shard(fixtures_dir, tmp_path):
     plan = build_plan(fixtures_dir / "model", "q0f16")
     out = tmp_path / "params"
     out.mkdir()
-    path = convert_shard(plan, 0, out)
+    convert_shard(plan, 0, out)
+    path = out / "params_shard_0.bin"
     path.write_bytes(path.read_bytes()[:-10])
     from scripts.convert_weight import write_plan_index
 
