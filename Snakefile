@@ -1,9 +1,9 @@
 """neox-mlc-workflow: Hugging Face GPT-NeoX checkpoint -> MLC-LLM iOS bundle, with quality reports."""
 
-import os
 import sys
+from pathlib import Path
 
-from snakemake.utils import min_version, validate
+from snakemake.utils import min_version
 
 min_version("9.0")
 
@@ -13,7 +13,9 @@ sys.path.insert(0, workflow.basedir)
 configfile: "config.yaml"
 
 
-validate(config, "config/config.schema.yaml")
+from scripts.workflow_config import stop_on_bad_config, validate_config
+
+stop_on_bad_config(validate_config, config, Path(workflow.basedir) / "config" / "config.schema.yaml")
 
 
 report: "report/workflow.rst"
@@ -27,6 +29,11 @@ include: "rules/config.smk"
 include: "rules/compile.smk"
 include: "rules/package.smk"
 include: "rules/evaluate.smk"
+
+
+localrules:
+    all,
+    reports,
 
 
 rule all:

@@ -2,6 +2,7 @@
 
 import json
 import re
+import shlex
 from pathlib import Path
 
 import os
@@ -9,11 +10,15 @@ import os
 from scripts import layout
 from scripts.common import WorkflowError
 from scripts.quantization import QUANTIZATIONS
-from scripts.workflow_config import check_config, put_interpreter_first_on_path
+from scripts.workflow_config import (
+    check_config,
+    put_interpreter_first_on_path,
+    stop_on_bad_config,
+)
 
 put_interpreter_first_on_path()
 
-check_config(config, Path(workflow.basedir))
+stop_on_bad_config(check_config, config, Path(workflow.basedir))
 
 MODELS = config["models"]
 BACKEND = config.get("backend", "native")
@@ -70,12 +75,12 @@ def fetch_source_args(wildcards):
     """Where the snapshot comes from, as CLI flags (a change of source or revision refetches)."""
     spec = model_spec(wildcards)
     if "generate" in spec:
-        src = f"--local-path {layout.generated_dir(wildcards.model)}"
+        src = ["--local-path", layout.generated_dir(wildcards.model)]
     elif "local_path" in spec:
-        src = f"--local-path {spec['local_path']}"
+        src = ["--local-path", spec["local_path"]]
     else:
-        src = f"--hf-repo {spec['hf_repo']}"
-    return f"{src} --revision {spec['revision']}"
+        src = ["--hf-repo", spec["hf_repo"]]
+    return shlex.join([*src, "--revision", spec["revision"]])
 
 
 def fetch_inputs(wildcards):
@@ -152,10 +157,10 @@ def eval_text_input(wildcards):
 def eval_source_args(wildcards):
     ev = config.get("evaluation", {})
     if ev.get("hf_dataset"):
-        src = f"--hf-dataset {ev['hf_dataset']} --split {ev.get('split', 'test')}"
+        src = ["--hf-dataset", ev["hf_dataset"], "--split", ev.get("split", "test")]
     else:
-        src = f"--text {ev.get('text', 'data/eval_ja.txt')}"
-    return f"{src} --max-tokens {ev.get('max_tokens', 4096)}"
+        src = ["--text", ev.get("text", "data/eval_ja.txt")]
+    return shlex.join([*src, "--max-tokens", str(ev.get("max_tokens", 4096))])
 
 
 def eval_mem_mb(wildcards):

@@ -19,7 +19,7 @@ rule app_config:
         model_id=lambda w: layout.bundle_id(w.model, w.quant),
         model_lib=lambda w: layout.system_lib_prefix(w.model, w.quant),
         url=lambda w: (
-            f"--model-url {model_spec(w)['model_url']}"
+            f"--model-url {shlex.quote(model_spec(w)['model_url'])}"
             if model_spec(w).get("model_url")
             else ""
         ),

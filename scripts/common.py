@@ -92,3 +92,21 @@ def md5_file(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def check_free_space(directory: str | os.PathLike[str], need_bytes: int, what: str) -> None:
+    """Stop before writing if ``directory``'s filesystem cannot hold ``need_bytes`` (+5 %, +64 MiB).
+
+    Why: a 7 GB download or conversion that dies on a full disk wastes an hour and can leave the
+    disk full for everything else; checking first costs nothing.
+    """
+    target = Path(directory)
+    probe = target
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    need = int(need_bytes * 1.05) + (64 << 20)
+    if free < need:
+        raise WorkflowError(
+            f"not enough disk space for {what} in {target}: need {need / 1e9:.2f} GB, {free / 1e9:.2f} GB free"
+        )

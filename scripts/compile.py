@@ -229,8 +229,32 @@ def build(chat_config_path: str | Path, device: str, output: str | Path, system_
     with atomic_path(output) as tmp:
         staged = tmp.with_suffix("." + ext)
         executable.export_library(str(staged))
-        staged.rename(tmp)
+        if ext == "tar":
+            _normalize_tar(staged, tmp)
+            staged.unlink()
+        else:
+            staged.rename(tmp)
     return meta
+
+
+def _normalize_tar(src: Path, dst: Path) -> None:
+    """Rewrite an archive with sorted members, zero mtimes and root ownership.
+
+    Why: TVM stamps the build time into the archive, so two builds of the same library would differ;
+    with this the bundle's sha256s (MANIFEST.json) are reproducible across machines and reruns.
+    """
+    import io
+    import tarfile
+
+    with tarfile.open(src) as tin:
+        members = sorted((m for m in tin.getmembers() if m.isfile()), key=lambda m: m.name)
+        blobs = [(m.name, tin.extractfile(m).read()) for m in members]
+    with tarfile.open(dst, "w", format=tarfile.USTAR_FORMAT) as tout:
+        for name, data in blobs:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode, info.uid, info.gid = len(data), 0, 0o644, 0, 0
+            info.uname = info.gname = "root"
+            tout.addfile(info, io.BytesIO(data))
 
 
 def mlc_llm_argv(chat_config: str, device: str, output: str, system_lib_prefix: str | None = None) -> list[str]:

@@ -30,7 +30,7 @@ if __package__ in (None, ""):
 
 import numpy as np
 
-from scripts.common import WorkflowError, atomic_path, read_json, run_cli, write_json
+from scripts.common import WorkflowError, atomic_path, check_free_space, read_json, run_cli, write_json
 from scripts.hf_checkpoint import NeoXArch, TensorIndex, load_arch
 from scripts.quantization import QUANTIZATIONS, Quantization, get_quantization, quantize_fast
 from scripts.tensor_cache import DEFAULT_SHARD_CAP_MB, ShardPlan, encode, plan_shards, write_index, write_shard
@@ -208,9 +208,14 @@ def _shard_target(plan: dict[str, Any], shard_id: int, out_dir: str | Path) -> t
 
 def convert_shard(plan: dict[str, Any], shard_id: int, out_dir: str | Path, index: TensorIndex | None = None) -> str:
     """Write ``params_shard_<shard_id>.bin`` of ``plan`` into ``out_dir``; return its md5."""
+    check_free_space(out_dir, _shard_target(plan, shard_id, out_dir)[1], f"shard {shard_id}")
     chunks = encode_shard(plan, shard_id, _Converter(plan, index or TensorIndex(plan["model_dir"])))
     path, expected = _shard_target(plan, shard_id, out_dir)
     return write_shard(path, chunks, expected)
+
+
+def planned_bytes(plan: dict[str, Any]) -> int:
+    return sum(r["nbytes"] for s in plan["shards"] for r in s["records"])
 
 
 def _shard_plans(plan: dict[str, Any]) -> list[ShardPlan]:
@@ -244,6 +249,7 @@ def _convert_pipelined(plan: dict[str, Any], out_dir: Path, index: TensorIndex) 
 def convert(model_dir: str | Path, quant_name: str, out_dir: str | Path, shard_cap_mb: int = DEFAULT_SHARD_CAP_MB) -> dict[str, Any]:
     """The whole conversion in one process, published atomically into ``out_dir``."""
     plan = build_plan(model_dir, quant_name, shard_cap_mb)
+    check_free_space(Path(out_dir).parent, planned_bytes(plan), f"{quant_name} params")
     index = TensorIndex(model_dir)
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)

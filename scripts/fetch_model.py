@@ -22,7 +22,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from scripts.common import WorkflowError, atomic_path, run_cli, sha256_file, write_json
+from scripts.common import WorkflowError, atomic_path, check_free_space, run_cli, sha256_file, write_json
 from scripts.hf_checkpoint import load_arch
 
 CONFIG_PATTERNS = ["config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json", "spiece.model", "*.model", "vocab.*", "merges.txt", "added_tokens.json"]
@@ -59,9 +59,14 @@ def download(repo: str, revision: str, dest: Path) -> str:
     """Download into ``dest``; returns the resolved commit sha."""
     from huggingface_hub import HfApi, snapshot_download
 
-    info = HfApi().model_info(repo, revision=revision, files_metadata=False)
-    files = [s.rfilename for s in info.siblings or []]
-    snapshot_download(repo_id=repo, revision=info.sha, local_dir=dest, allow_patterns=allow_patterns(files))
+    import fnmatch
+
+    info = HfApi().model_info(repo, revision=revision, files_metadata=True)
+    siblings = info.siblings or []
+    patterns = allow_patterns([s.rfilename for s in siblings])
+    need = sum(s.size or 0 for s in siblings if any(fnmatch.fnmatch(s.rfilename, p) for p in patterns))
+    check_free_space(dest.parent, need, f"the {repo} snapshot")
+    snapshot_download(repo_id=repo, revision=info.sha, local_dir=dest, allow_patterns=patterns)
     return str(info.sha)
 
 

@@ -73,3 +73,46 @@ def put_interpreter_first_on_path() -> None:
     path = os.environ.get("PATH", "")
     if path.split(os.pathsep)[0] != bin_dir:
         os.environ["PATH"] = bin_dir + os.pathsep + path
+
+
+def validate_config(config: dict[str, Any], schema_path: Path) -> None:
+    """Validate with ``snakemake.utils.validate`` (which also fills defaults); fail with one line.
+
+    Why: Snakemake's own message dumps the whole schema and config; a user needs the one key, the
+    bad value and the rule it broke.
+    """
+    from snakemake.utils import validate
+
+    try:
+        validate(config, str(schema_path))
+    except Exception:  # noqa: BLE001 - snakemake wraps jsonschema's error in its own type
+        raise WorkflowError(schema_error_line(config, schema_path)) from None
+
+
+def schema_error_line(config: dict[str, Any], schema_path: Path) -> str:
+    import jsonschema
+    import yaml
+
+    schema = yaml.safe_load(Path(schema_path).read_text(encoding="utf-8"))
+    validator = jsonschema.Draft202012Validator(schema)
+    error = jsonschema.exceptions.best_match(validator.iter_errors(config))
+    if error is None:
+        return "invalid config (schema validation failed)"
+    where = "/".join(str(p) for p in error.absolute_path) or "(top level)"
+    message = " ".join(str(error.message).split())
+    if len(message) > 300:
+        message = message[:297] + "..."
+    return f"invalid config at {where}: {message}"
+
+
+def stop_on_bad_config(check: Any, *args: Any) -> None:
+    """Run a planning-time check; on a :class:`WorkflowError` print one line and exit 2.
+
+    Why not raise: Snakemake would print the message with a traceback of the Snakefile; a bad
+    value deserves one line and no job started.
+    """
+    try:
+        check(*args)
+    except WorkflowError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

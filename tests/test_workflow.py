@@ -60,11 +60,25 @@ def test_real_default_target_and_command_line_knobs(wf):
     assert "--context-window-size 512" in out
 
 
+SENTINEL = "hf_SENTINELtokenNEVERtoBEwritten0123456789"
+
+
 @pytest.fixture(scope="module")
 def tiny_build(tmp_path_factory):
     wf = copy_workflow(tmp_path_factory.mktemp("tiny-wf"))
-    run_snakemake(wf, "--configfile", "config/tiny.yaml")
+    run_snakemake(wf, "--configfile", "config/tiny.yaml", env={"HF_TOKEN": SENTINEL})
     return wf
+
+
+def test_hf_token_never_written_anywhere(tiny_build):
+    sources = {"Snakefile", "config.yaml", "rules", "scripts", "config", "data", "envs", "profiles", "report"}
+    scanned = 0
+    for path in tiny_build.rglob("*"):
+        rel = path.relative_to(tiny_build)
+        if path.is_file() and rel.parts[0] not in sources:
+            scanned += 1
+            assert SENTINEL.encode() not in path.read_bytes(), rel
+    assert scanned > 50  # logs, metadata (.snakemake), build outputs, bundles
 
 
 def test_tiny_build_produces_complete_bundles(tiny_build):
