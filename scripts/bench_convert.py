@@ -16,11 +16,8 @@ peak RSS < 1 GiB + 2 × the largest tensor.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,7 +27,7 @@ if __package__ in (None, ""):
 
 import numpy as np
 
-from scripts.benchtools import GIB, make_checkpoint, run_child
+from scripts.benchtools import GIB, make_checkpoint, run_child, write_result
 
 
 def bench(model: Path, work: Path) -> dict[str, Any]:
@@ -100,9 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     info["params"] = int(sum(np.prod(t.shape) for t in TensorIndex(model).tensors.values()))
     result = {"model": {"hidden": a.hidden, "layers": a.layers, "vocab": a.vocab, **info}, "cpu_count": os.cpu_count(), **bench(model, work)}
-    Path(a.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.output).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_result(a.output, result)
     return 0
 
 

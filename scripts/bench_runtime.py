@@ -26,7 +26,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from scripts.benchtools import make_checkpoint, run_child
+from scripts.benchtools import make_checkpoint, run_child, write_result
 
 
 def prepare(model: Path, work: Path, quant: str, context: int) -> Path:
@@ -121,9 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "synthetic": bench_model(f"synthetic GPT-NeoX h{a.hidden} L{a.layers} V{a.vocab}", synth, work / "synthetic", a.prompt, a.decode, a.threads, 1024),
         "tiny": bench_model("tiny", tok_src, work / "tiny", min(a.prompt, 128), a.decode, a.threads, 256),
     }
-    Path(a.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.output).write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps(results, indent=2))
+    write_result(a.output, results)
     return 0
 
 

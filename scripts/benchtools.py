@@ -76,3 +76,10 @@ def run_child(code: str) -> dict[str, Any]:
     return {"wall_s": round(wall, 3), "peak_rss_gib": round(hwm * 1024 / GIB, 3), **extra}
 
 
+
+
+def write_result(path: str | Path, result: dict[str, Any]) -> None:
+    """Write a benchmark's JSON (and echo it) where the README's tables are read from."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))

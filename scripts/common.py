@@ -76,22 +76,23 @@ def read_json(path: str | os.PathLike[str], what: str) -> Any:
         raise WorkflowError(f"{what} is not valid JSON: {path} ({err.msg} at line {err.lineno})") from None
 
 
-def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
-    """Stream a file through sha256 (files here can be several GB)."""
-    digest = hashlib.sha256()
+def file_digest(path: str | os.PathLike[str], algorithm: str, chunk: int = 1 << 22) -> str:
+    """Stream a file through a hash (files here can be several GB)."""
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as handle:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
 
 
-def md5_file(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """sha256 as MANIFEST.json and snapshot.json record it."""
+    return file_digest(path, "sha256")
+
+
+def md5_file(path: str | os.PathLike[str]) -> str:
     """md5 as MLC's tensor cache records it per shard."""
-    digest = hashlib.md5()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_digest(path, "md5")
 
 
 def check_free_space(directory: str | os.PathLike[str], need_bytes: int, what: str) -> None:

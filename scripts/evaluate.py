@@ -19,7 +19,6 @@ window is scored.
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import sys
 import time

@@ -76,16 +76,7 @@ class ModelRuntime:
         """Feed ``ids`` (in chunks of at most prefill_chunk_size); return float32 logits ``[vocab]`` of the last one."""
         if not ids:
             raise WorkflowError("prefill needs at least one token")
-        self._check_room(len(ids))
-        tvm = self.tvm
-        logits = None
-        for start in range(0, len(ids), self.prefill_chunk):
-            chunk = ids[start : start + self.prefill_chunk]
-            self._f_begin(self.kv, tvm.runtime.ShapeTuple([0]), tvm.runtime.ShapeTuple([len(chunk)]))
-            logits, _ = self.vm["prefill"](self._embed(chunk), self.kv, self.params)
-            self._f_end(self.kv)
-            self.length += len(chunk)
-        return logits.numpy().reshape(-1)
+        return self._forward_chunks(ids, "prefill")[-1].reshape(-1)
 
     def decode(self, token: int) -> np.ndarray:
         """Feed one token; return float32 logits ``[vocab]``."""
@@ -99,14 +90,19 @@ class ModelRuntime:
 
     def prefill_all_logits(self, ids: list[int]) -> np.ndarray:
         """Logits for every position of ``ids`` (``batch_verify``), for perplexity; ``[len, vocab]``."""
+        chunks = self._forward_chunks(ids, "batch_verify")
+        return np.concatenate([c.reshape(-1, c.shape[-1]) for c in chunks])
+
+    def _forward_chunks(self, ids: list[int], function: str) -> list[np.ndarray]:
+        """Feed ``ids`` through ``function`` in chunks of at most prefill_chunk_size tokens."""
         self._check_room(len(ids))
-        tvm = self.tvm
+        shape = self.tvm.runtime.ShapeTuple
         out = []
         for start in range(0, len(ids), self.prefill_chunk):
             chunk = ids[start : start + self.prefill_chunk]
-            self._f_begin(self.kv, tvm.runtime.ShapeTuple([0]), tvm.runtime.ShapeTuple([len(chunk)]))
-            logits, _ = self.vm["batch_verify"](self._embed(chunk), self.kv, self.params)
+            self._f_begin(self.kv, shape([0]), shape([len(chunk)]))
+            logits, _ = self.vm[function](self._embed(chunk), self.kv, self.params)
             self._f_end(self.kv)
             self.length += len(chunk)
-            out.append(logits.numpy().reshape(len(chunk), -1))
-        return np.concatenate(out)
+            out.append(logits.numpy())
+        return out

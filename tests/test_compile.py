@@ -135,3 +135,19 @@ def test_apple_targets_are_arm64_macho_archives_with_prefixed_symbols(device, bu
 def test_vulkan_is_refused_with_reason():
     with pytest.raises(WorkflowError, match="no SPIR-V"):
         make_target("vulkan")
+
+
+def test_cuda_library_builds_where_a_cuda_toolkit_exists(bundle, tmp_path):
+    """cuda: TVM generates CUDA kernels and nvcc compiles them (sm_90); running needs a GPU."""
+    import shutil
+
+    from scripts.compile import build
+
+    if shutil.which("nvcc") is None:
+        pytest.skip("no CUDA toolkit (nvcc) on this machine")
+    _, _, cfg = bundle("q4f16_1")
+    out = tmp_path / "lib-cuda.so"
+    meta = build(cfg, "cuda", out)
+    blob = out.read_bytes()
+    assert blob[:4] == b"\x7fELF" and meta["quantization"] == "q4f16_1"
+    assert b"sm_90" in blob or b".target sm_90" in blob

@@ -2,11 +2,9 @@
 
 import json
 import shutil
-import struct
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from conftest import REPO
