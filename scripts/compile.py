@@ -127,19 +127,38 @@ def _memory_usage(mod: Any) -> dict[str, int]:
 
 
 def pipeline(target: Any) -> Any:
-    """TVM's default Relax pipeline, except on Apple GPUs where dlight's Matmul rule is left out.
+    """TVM's default Relax pipeline, with two changes.
 
-    Why: in apache-tvm 0.26 dlight's ``gpu.Matmul`` tries Metal simdgroup tensorization and
-    crashes inside ``Tensorize`` for these kernels; GEMV/Reduction/Fallback rules schedule them
-    correctly (prefill runs the matmuls with the fallback schedule).
+    * Host CPU: reduction kernels are parallelised (scripts/cpu_schedule.py); TVM's CPU pipeline
+      schedules nothing.
+    * Apple GPUs: dlight's Matmul rule is left out — in apache-tvm 0.26 ``gpu.Matmul`` tries Metal
+      simdgroup tensorization and crashes inside ``Tensorize`` for these kernels; GEMV/Reduction/
+      Fallback rules schedule them correctly (prefill runs the matmuls with the fallback schedule).
     """
     import tvm
     from tvm import relax
 
+    from tvm.s_tir import dlight as dl
+
+    if target.kind.name == "llvm":
+        from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+        from scripts.cpu_schedule import ParallelReductions
+
+        legalize = [
+            relax.transform.LegalizeOps(),
+            relax.transform.AnnotateTIROpPattern(),
+            relax.transform.FoldConstant(),
+            relax.transform.FuseOps(),
+            relax.transform.FuseTIR(),
+            dl.ApplyDefaultSchedule(ParallelReductions()),
+        ]
+        return tvm.transform.Sequential(
+            cpu.library_dispatch_passes(target) + legalize + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target)
+        )
     if target.kind.name != "metal":
         return relax.get_default_pipeline(target)
     from tvm.relax.backend.gpu_generic import pipeline as gpu
-    from tvm.s_tir import dlight as dl
 
     legalize = [
         relax.transform.LegalizeOps(),

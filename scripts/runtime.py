@@ -9,6 +9,7 @@ once. Only TVM's runtime is used; nothing of MLC-LLM.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,8 @@ class ModelRuntime:
     """One sequence (id 0) on one device: prefill a prompt, then decode token by token."""
 
     def __init__(self, lib: str | Path, params_dir: str | Path, chat_config: str | Path | None = None, device: str = "cpu") -> None:
+        # TVM's thread pool counts physical cores, which is 1 on 2-vCPU machines; use every CPU.
+        os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
         import tvm
         from tvm import relax
         from tvm.contrib import tvmjs
