@@ -15,7 +15,9 @@ configfile: "config.yaml"
 
 from scripts.workflow_config import stop_on_bad_config, validate_config
 
-stop_on_bad_config(validate_config, config, Path(workflow.basedir) / "config" / "config.schema.yaml")
+stop_on_bad_config(
+    validate_config, config, Path(workflow.basedir) / "config" / "config.schema.yaml"
+)
 
 
 report: "report/workflow.rst"

@@ -27,6 +27,23 @@ GGUF_TYPES = [
     "Q4_1",
     "Q8_0",
 ]  # peers from the gguf package, see scripts/evaluate.py
+# The code each step runs is an input of its rule: changing the converter or the compiler reruns
+# exactly the artifacts it makes (Snakemake compares small inputs by checksum, not only mtime).
+_SHARED = ["scripts/common.py", "scripts/layout.py"]
+CODE = {
+    step: _SHARED + [f"scripts/{m}.py" for m in modules]
+    for step, modules in {
+        "generate": ["make_tiny_model", "train_tiny"],
+        "fetch": ["fetch_model", "hf_checkpoint"],
+        "tokenizer": ["make_tokenizer"],
+        "convert": ["convert_weight", "quantization", "tensor_cache", "hf_checkpoint"],
+        "gen_config": ["gen_config", "hf_checkpoint"],
+        "compile": ["compile", "gpt_neox_model", "cpu_schedule", "quantization"],
+        "package": ["package", "tensor_cache"],
+        "evaluate": ["evaluate", "runtime", "reference", "chat", "quantization"],
+        "summarize": ["summarize"],
+    }.items()
+}
 TARGETS_BUILT = [config["target"], *config.get("extra_targets", [])]
 
 

@@ -3,6 +3,7 @@
 
 checkpoint weight_plan:
     input:
+        code=CODE["convert"],
         snapshot="resources/models/{model}/snapshot.json",
     output:
         plan="build/{model}/{quant}/weight-plan.json",
@@ -22,6 +23,7 @@ checkpoint weight_plan:
 
 rule convert_shard:
     input:
+        code=CODE["convert"],
         plan="build/{model}/{quant}/weight-plan.json",
         # the weights themselves: the plan only lists shapes, so it is unchanged when values change
         snapshot="resources/models/{model}/snapshot.json",
@@ -46,6 +48,7 @@ rule convert_shard:
 
 rule weights_index:
     input:
+        code=CODE["convert"],
         plan="build/{model}/{quant}/weight-plan.json",
         shards=shard_files,
     output:

@@ -3,6 +3,7 @@
 
 rule evaluate:
     input:
+        code=CODE["evaluate"],
         snapshot="resources/models/{model}/snapshot.json",
         index="build/{model}/{quant}/params/tensor-cache.json",
         chat_config="build/{model}/{quant}/mlc-chat-config.json",
@@ -32,6 +33,7 @@ rule evaluate:
 
 rule evaluate_gguf:
     input:
+        code=CODE["evaluate"],
         snapshot="resources/models/{model}/snapshot.json",
         tokenizer="build/{model}/tokenizer/tokenizer.json",
         text=eval_text_input,
@@ -58,7 +60,8 @@ rule evaluate_gguf:
 
 rule summarize:
     input:
-        quality_reports,
+        reports=quality_reports,
+        code=CODE["summarize"],
     output:
         csv=report(
             "reports/{model}/summary.csv",
@@ -78,7 +81,7 @@ rule summarize:
         mem_mb=1000,
         runtime=5,
     shell:
-        "python scripts/summarize.py {input} --csv {output.csv} --png {output.png}"
+        "python scripts/summarize.py {input.reports} --csv {output.csv} --png {output.png}"
         " --title {wildcards.model} > {log} 2>&1"
 
 

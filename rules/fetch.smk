@@ -3,6 +3,7 @@
 
 rule generate_tiny_model:
     input:
+        code=CODE["generate"],
         corpus="data/corpus_ja.txt",
     output:
         config="resources/generated/{model}/config.json",
@@ -28,6 +29,7 @@ rule generate_tiny_model:
 rule fetch_model:
     input:
         fetch_inputs,
+        code=CODE["fetch"],
     output:
         config="resources/models/{model}/config.json",
         snapshot="resources/models/{model}/snapshot.json",

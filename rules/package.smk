@@ -3,6 +3,7 @@
 
 rule app_config:
     input:
+        code=CODE["package"],
         index="build/{model}/{quant}/params/tensor-cache.json",
         chat_config="build/{model}/{quant}/mlc-chat-config.json",
     output:
@@ -32,6 +33,7 @@ rule app_config:
 
 rule package:
     input:
+        code=CODE["package"],
         index="build/{model}/{quant}/params/tensor-cache.json",
         shards=shard_files,
         chat_config="build/{model}/{quant}/mlc-chat-config.json",

@@ -3,6 +3,7 @@
 
 rule tokenizer:
     input:
+        code=CODE["tokenizer"],
         snapshot="resources/models/{model}/snapshot.json",
     output:
         tokenizer="build/{model}/tokenizer/tokenizer.json",

@@ -221,3 +221,23 @@ def test_local_path_without_tokenizer_fails_at_first_job(wf, tmp_path, fixtures_
 def test_lint_is_clean(wf):
     proc = run_snakemake(wf, "--lint", check=False)
     assert proc.returncode == 0 and "Congratulations" in proc.stdout + proc.stderr
+
+
+def test_compiler_change_reruns_libraries_and_bundles_only(tiny_build):
+    compiler = tiny_build / "scripts" / "cpu_schedule.py"
+    original = compiler.read_text()
+    try:
+        compiler.write_text(original + "\n# a change to the compiler\n")
+        out = run_snakemake(tiny_build, "-n", "--configfile", "config/tiny.yaml").stdout
+        assert planned_jobs(out) == {"compile": 4, "package": 2, "all": 1}
+    finally:
+        compiler.write_text(original)
+
+
+def test_new_weights_rerun_conversion_not_just_the_plan(tiny_build):
+    # Same shapes (so an identical plan), different values: every shard must be reconverted.
+    (tiny_build / "reseed.yaml").write_text(yaml.safe_dump({"models": {TINY: {"generate": {"seed": 1}}}}))
+    out = run_snakemake(tiny_build, "-n", "--configfile", "config/tiny.yaml", "reseed.yaml").stdout
+    jobs = planned_jobs(out)
+    assert jobs.get("generate_tiny_model") == 1 and jobs.get("fetch_model") == 1
+    assert jobs.get("weight_plan") == 2 and jobs.get("convert_shard") == 2  # shards depend on the weights, not just the plan
