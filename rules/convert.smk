@@ -16,9 +16,11 @@ checkpoint weight_plan:
         runtime=10,
     params:
         model_dir=lambda w: layout.snapshot_dir(w.model),
+        params_dir=lambda w: layout.params_dir(w.model, w.quant),
+        backend=BACKEND,
     shell:
         "python scripts/convert_weight.py {params.model_dir} --quantization {wildcards.quant}"
-        " -o {params.model_dir} --plan-only {output.plan} > {log} 2>&1"
+        " --backend {params.backend} -o {params.params_dir} --plan-only {output.plan} > {log} 2>&1"
 
 
 rule convert_shard:

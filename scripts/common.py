@@ -111,3 +111,12 @@ def check_free_space(directory: str | os.PathLike[str], need_bytes: int, what: s
         raise WorkflowError(
             f"not enough disk space for {what} in {target}: need {need / 1e9:.2f} GB, {free / 1e9:.2f} GB free"
         )
+
+
+def run_mlc_llm(argv: list[str]) -> None:
+    """Run the real MLC-LLM CLI (``backend: mlc_llm``), or stop naming the missing tool."""
+    import subprocess
+
+    if shutil.which(argv[0]) is None:
+        raise WorkflowError("backend mlc_llm selected but the mlc_llm CLI is not installed (install MLC-LLM or use backend: native)")
+    subprocess.run(argv, check=True)

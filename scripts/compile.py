@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,7 +26,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from scripts.common import WorkflowError, atomic_path, read_json, run_cli
+from scripts.common import WorkflowError, atomic_path, read_json, run_cli, run_mlc_llm
 from scripts.layout import LIB_EXT, TARGETS
 from scripts.quantization import get_quantization
 
@@ -282,12 +280,6 @@ def mlc_llm_argv(chat_config: str, device: str, output: str, system_lib_prefix: 
     if system_lib_prefix:
         argv += ["--system-lib-prefix", system_lib_prefix]
     return argv
-
-
-def run_mlc_llm(argv: list[str]) -> None:
-    if shutil.which(argv[0]) is None:
-        raise WorkflowError("backend mlc_llm selected but the mlc_llm CLI is not installed (install MLC-LLM or use backend: native)")
-    subprocess.run(argv, check=True)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Sequence
@@ -30,10 +31,10 @@ if __package__ in (None, ""):
 
 import numpy as np
 
-from scripts.common import WorkflowError, atomic_path, check_free_space, read_json, run_cli, write_json
+from scripts.common import WorkflowError, atomic_path, check_free_space, md5_file, read_json, run_cli, run_mlc_llm, write_json
 from scripts.hf_checkpoint import NeoXArch, TensorIndex, load_arch
 from scripts.quantization import QUANTIZATIONS, Quantization, get_quantization, quantize_fast
-from scripts.tensor_cache import DEFAULT_SHARD_CAP_MB, ShardPlan, encode, plan_shards, write_index, write_shard
+from scripts.tensor_cache import DEFAULT_SHARD_CAP_MB, ShardPlan, encode, plan_shards, verify_cache, write_index, write_shard
 
 FFN_OUT_DTYPE = "float32"  # MLC's GPT-NeoX keeps the MLP biases in float32 (ffn_out_dtype)
 _ROW_BLOCK_ELEMS = 1 << 20  # ~1 M elements per block: temporaries stay in cache, memory stays bounded
@@ -208,6 +209,10 @@ def _shard_target(plan: dict[str, Any], shard_id: int, out_dir: str | Path) -> t
 
 def convert_shard(plan: dict[str, Any], shard_id: int, out_dir: str | Path, index: TensorIndex | None = None) -> str:
     """Write ``params_shard_<shard_id>.bin`` of ``plan`` into ``out_dir``; return its md5."""
+    if plan.get("external"):
+        name = plan["shards"][shard_id]["dataPath"]
+        _copy_external(plan, name, out_dir)
+        return md5_file(Path(out_dir) / name)
     check_free_space(out_dir, _shard_target(plan, shard_id, out_dir)[1], f"shard {shard_id}")
     chunks = encode_shard(plan, shard_id, _Converter(plan, index or TensorIndex(plan["model_dir"])))
     path, expected = _shard_target(plan, shard_id, out_dir)
@@ -223,6 +228,12 @@ def _shard_plans(plan: dict[str, Any]) -> list[ShardPlan]:
 
 
 def write_plan_index(plan: dict[str, Any], out_dir: str | Path, md5s: dict[str, str] | None = None) -> None:
+    if plan.get("external"):
+        for name in ("tensor-cache-b16.json", "tensor-cache.json"):
+            if (Path(plan["external"]) / name).is_file():
+                _copy_external(plan, name, out_dir)
+        verify_cache(out_dir, check_md5=True)
+        return
     write_index(out_dir, _shard_plans(plan), plan["metadata"], md5s)
 
 
@@ -258,6 +269,33 @@ def convert(model_dir: str | Path, quant_name: str, out_dir: str | Path, shard_c
     return plan
 
 
+def plan_from_mlc_llm(model_dir: str | Path, quant_name: str, staging: str | Path) -> dict[str, Any]:
+    """``backend: mlc_llm``: run the real converter into ``staging``; the plan then lists its shards.
+
+    The shard and index steps copy MLC's files into place instead of converting, so the workflow's
+    graph (and its rerun behaviour) is the same for both backends.
+    """
+    with atomic_path(staging) as tmp:
+        run_mlc_llm(mlc_llm_argv(str(model_dir), quant_name, str(tmp)))
+        index = verify_cache(tmp, check_md5=True)
+    return {
+        "model_dir": str(Path(model_dir)),
+        "quantization": quant_name,
+        "external": str(staging),
+        "params": [],
+        "shards": [{"dataPath": s["dataPath"], "records": s["records"]} for s in index["records"]],
+        "metadata": index["metadata"],
+    }
+
+
+def _copy_external(plan: dict[str, Any], name: str, out_dir: str | Path) -> None:
+    src = Path(plan["external"]) / name
+    if not src.is_file():
+        raise WorkflowError(f"{src} written by mlc_llm convert_weight is missing; rerun the weight_plan step")
+    with atomic_path(Path(out_dir) / name) as tmp:
+        shutil.copyfile(src, tmp)
+
+
 def mlc_llm_argv(model_dir: str, quant: str, out_dir: str, device: str = "cpu") -> list[str]:
     """The real MLC-LLM CLI call, for users who have it (``backend: mlc_llm``)."""
     return ["mlc_llm", "convert_weight", str(model_dir), "--quantization", quant, "--device", device, "-o", str(out_dir)]
@@ -275,6 +313,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     step.add_argument("--shard", type=int, metavar="N", help="only write shard N (needs --plan)")
     step.add_argument("--index", action="store_true", help="only verify shards and write the index (needs --plan)")
     ap.add_argument("--plan", help="plan JSON written by --plan-only")
+    ap.add_argument("--backend", choices=["native", "mlc_llm"], default="native", help="mlc_llm: run the real MLC-LLM converter")
     return ap.parse_args(argv)
 
 
@@ -282,7 +321,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     get_quantization(args.quantization)
     if args.plan_only:
-        write_json(args.plan_only, build_plan(args.config, args.quantization, args.shard_cap_mb))
+        if args.backend == "mlc_llm":
+            plan = plan_from_mlc_llm(args.config, args.quantization, Path(args.plan_only).with_name("mlc_llm-params"))
+        else:
+            plan = build_plan(args.config, args.quantization, args.shard_cap_mb)
+        write_json(args.plan_only, plan)
         return 0
     if args.shard is not None or args.index:
         if not args.plan:

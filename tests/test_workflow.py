@@ -5,6 +5,7 @@ hand. The tiny build runs once per module in a private copy of the workflow.
 """
 
 import json
+import os
 import re
 import shutil
 
@@ -241,3 +242,49 @@ def test_new_weights_rerun_conversion_not_just_the_plan(tiny_build):
     jobs = planned_jobs(out)
     assert jobs.get("generate_tiny_model") == 1 and jobs.get("fetch_model") == 1
     assert jobs.get("weight_plan") == 2 and jobs.get("convert_shard") == 2  # shards depend on the weights, not just the plan
+
+
+def test_mlc_llm_backend_without_the_cli_names_the_missing_tool(wf):
+    proc = run_snakemake(wf, f"build/{TINY}/q4f16_1/weight-plan.json", "--configfile", "config/tiny.yaml", "--config", "backend=mlc_llm", check=False)
+    assert proc.returncode != 0
+    log = (wf / "logs" / TINY / "q4f16_1" / "weight_plan.log").read_text().strip().splitlines()[-1]
+    assert log == "error: backend mlc_llm selected but the mlc_llm CLI is not installed (install MLC-LLM or use backend: native)"
+    assert not (wf / "build" / TINY / "q4f16_1" / "weight-plan.json").exists()
+
+
+def test_mlc_llm_backend_runs_the_real_cli_argv(wf, tmp_path):
+    """A recording stand-in for the `mlc_llm` executable checks the workflow's calls and wiring.
+
+    The stand-in records its argv and, for convert_weight, delegates to this project's converter so
+    the rest of the graph has real files to pass on; it is test scaffolding for the argv contract only.
+    """
+    import sys
+
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    record = tmp_path / "calls.jsonl"
+    stub = bindir / "mlc_llm"
+    stub.write_text(
+        f"#!{sys.executable}\n"
+        "import json, sys\n"
+        f"open({str(record)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n"
+        "if sys.argv[1] == 'convert_weight':\n"
+        f"    sys.path.insert(0, {str(wf)!r})\n"
+        "    from scripts.convert_weight import convert\n"
+        "    a = sys.argv\n"
+        "    convert(a[2], a[a.index('--quantization') + 1], a[a.index('-o') + 1])\n"
+        "else:\n"
+        "    open(sys.argv[sys.argv.index('-o') + 1], 'w').write('library')\n"
+    )
+    stub.chmod(0o755)
+    run_snakemake(wf, "--configfile", "config/tiny.yaml", "--config", "backend=mlc_llm", "quantizations=[q4f16_1]",
+                  env={"PATH": f"{bindir}:{os.environ['PATH']}"})
+    calls = [json.loads(line) for line in record.read_text().splitlines()]
+    convert_calls = [c for c in calls if c[0] == "convert_weight"]
+    assert len(convert_calls) == 1
+    assert convert_calls[0][:6] == ["convert_weight", f"resources/models/{TINY}", "--quantization", "q4f16_1", "--device", "cpu"]
+    compile_calls = sorted(c for c in calls if c[0] == "compile")
+    assert [c[3] for c in compile_calls] == ["cpu", "iphone"]  # --device, for llvm and iphone
+    assert all(c[1] == f"build/{TINY}/q4f16_1/mlc-chat-config.json" for c in compile_calls)
+    manifest = json.loads((wf / "dist" / f"{TINY}-q4f16_1" / "MANIFEST.json").read_text())
+    assert f"bundle/{TINY}-q4f16_1/params_shard_0.bin" in manifest["files"]
