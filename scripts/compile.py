@@ -133,9 +133,7 @@ def pipeline(target: Any) -> Any:
       simdgroup tensorization and crashes inside ``Tensorize`` for these kernels; GEMV/Reduction/
       Fallback rules schedule them correctly (prefill runs the matmuls with the fallback schedule).
     """
-    import tvm
     from tvm import relax
-
     from tvm.s_tir import dlight as dl
 
     if target.kind.name == "llvm":
@@ -143,20 +141,19 @@ def pipeline(target: Any) -> Any:
 
         from scripts.cpu_schedule import ParallelReductions
 
-        legalize = [
-            relax.transform.LegalizeOps(),
-            relax.transform.AnnotateTIROpPattern(),
-            relax.transform.FoldConstant(),
-            relax.transform.FuseOps(),
-            relax.transform.FuseTIR(),
-            dl.ApplyDefaultSchedule(ParallelReductions()),
-        ]
-        return tvm.transform.Sequential(
-            cpu.library_dispatch_passes(target) + legalize + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target)
-        )
-    if target.kind.name != "metal":
-        return relax.get_default_pipeline(target)
-    from tvm.relax.backend.gpu_generic import pipeline as gpu
+        return _scheduled_pipeline(cpu, target, [ParallelReductions()])
+    if target.kind.name == "metal":
+        from tvm.relax.backend.gpu_generic import pipeline as gpu
+
+        return _scheduled_pipeline(gpu, target, [dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()])
+    return relax.get_default_pipeline(target)
+
+
+def _scheduled_pipeline(backend: Any, target: Any, rules: list[Any]) -> Any:
+    """A TVM backend's own pass lists, with our dlight rules after fusion."""
+    import tvm
+    from tvm import relax
+    from tvm.s_tir import dlight as dl
 
     legalize = [
         relax.transform.LegalizeOps(),
@@ -164,10 +161,10 @@ def pipeline(target: Any) -> Any:
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),
         relax.transform.FuseTIR(),
-        dl.ApplyDefaultSchedule(dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()),
+        dl.ApplyDefaultSchedule(*rules),
     ]
     return tvm.transform.Sequential(
-        gpu.library_dispatch_passes(target) + legalize + gpu.dataflow_lower_passes(target) + gpu.finalize_passes(target)
+        backend.library_dispatch_passes(target) + legalize + backend.dataflow_lower_passes(target) + backend.finalize_passes(target)
     )
 
 
