@@ -27,7 +27,8 @@ rule evaluate:
         params_dir=lambda w: layout.params_dir(w.model, w.quant),
         source=eval_source_args,
     shell:
-        "python scripts/evaluate.py {params.model_dir} --params {params.params_dir} --lib {input.lib}"
+        "python scripts/evaluate.py {params.model_dir} --tokenizer {input.tokenizer}"
+        " --params {params.params_dir} --lib {input.lib}"
         " --chat-config {input.chat_config} {params.source} -o {output.quality} > {log} 2>&1"
 
 
@@ -54,7 +55,8 @@ rule evaluate_gguf:
         source=eval_source_args,
         window=config["max_seq_len"],
     shell:
-        "python scripts/evaluate.py {params.model_dir} --gguf-type {wildcards.gtype}"
+        "python scripts/evaluate.py {params.model_dir} --tokenizer {input.tokenizer}"
+        " --gguf-type {wildcards.gtype}"
         " --window {params.window} {params.source} -o {output.quality} > {log} 2>&1"
 
 

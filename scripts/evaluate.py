@@ -166,7 +166,8 @@ def peak_rss_gib() -> float:
 
 
 def evaluate_bundle(
-    model_dir: Path, params: Path, lib: Path, chat_config: Path, text: str, max_tokens: int, prompts: Sequence[str], answer_tokens: int = 24
+    model_dir: Path, tokenizer: Path, params: Path, lib: Path, chat_config: Path, text: str, max_tokens: int,
+    prompts: Sequence[str], answer_tokens: int = 24,
 ) -> dict[str, Any]:
     """quality.json content for one compiled bundle."""
     from tokenizers import Tokenizer
@@ -176,7 +177,7 @@ def evaluate_bundle(
     from scripts.runtime import ModelRuntime
 
     cfg = read_json(chat_config, "chat config")
-    tok = Tokenizer.from_file(str(Path(params).parent / "tokenizer.json") if (Path(params).parent / "tokenizer.json").is_file() else str(model_dir / "tokenizer.json"))
+    tok = Tokenizer.from_file(str(tokenizer))
     rt = ModelRuntime(lib, params, chat_config)
     spd = speed(rt)
     spd["peak_rss_gib_runtime"] = peak_rss_gib()
@@ -236,12 +237,12 @@ def gguf_dequantized_state(model_dir: Path, gtype: str) -> tuple[dict[str, np.nd
     return state, nbytes, nbytes * 8 / numel
 
 
-def evaluate_gguf(model_dir: Path, gtype: str, text: str, window: int, max_tokens: int) -> dict[str, Any]:
+def evaluate_gguf(model_dir: Path, tokenizer: Path, gtype: str, text: str, window: int, max_tokens: int) -> dict[str, Any]:
     from tokenizers import Tokenizer
 
     from scripts.reference import hf_logits, load_hf_model
 
-    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    tok = Tokenizer.from_file(str(tokenizer))
     windows = eval_windows(tok.encode(text, add_special_tokens=False).ids, window, max_tokens)
     ref = load_hf_model(model_dir)
     ref_logits, targets = stack_windows(lambda w: hf_logits(ref, w), windows)
@@ -254,6 +255,7 @@ def evaluate_gguf(model_dir: Path, gtype: str, text: str, window: int, max_token
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model_dir", help="original HF checkpoint (the reference)")
+    ap.add_argument("--tokenizer", required=True, help="tokenizer.json (the workflow's tokenizer step)")
     ap.add_argument("--params", help="bundle params directory (tensor-cache.json)")
     ap.add_argument("--lib", help="host (llvm) model library")
     ap.add_argument("--chat-config")
@@ -269,11 +271,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = load_text(a.text, a.hf_dataset, a.split)
     model_dir = Path(a.model_dir)
     if a.gguf_type:
-        result = evaluate_gguf(model_dir, a.gguf_type, text, a.window, a.max_tokens)
+        result = evaluate_gguf(model_dir, Path(a.tokenizer), a.gguf_type, text, a.window, a.max_tokens)
     else:
         if not (a.params and a.lib and a.chat_config):
             raise WorkflowError("bundle evaluation needs --params, --lib and --chat-config")
-        result = evaluate_bundle(model_dir, Path(a.params), Path(a.lib), Path(a.chat_config), text, a.max_tokens, a.prompt or DEFAULT_PROMPTS)
+        result = evaluate_bundle(
+            model_dir, Path(a.tokenizer), Path(a.params), Path(a.lib), Path(a.chat_config), text, a.max_tokens, a.prompt or DEFAULT_PROMPTS
+        )
     result["peak_rss_gib"] = peak_rss_gib()
     write_json(a.output, result)
     return 0

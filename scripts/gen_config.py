@@ -84,7 +84,8 @@ def tokenizer_info(tokenizer_json: dict[str, Any] | None) -> dict[str, Any]:
     normalizer = json.dumps(tokenizer_json.get("normalizer")) + json.dumps(tokenizer_json.get("pre_tokenizer"))
     if '"Prepend"' in normalizer or ('"Metaspace"' in normalizer and '"prepend_scheme": "never"' not in normalizer):
         info["prepend_space_in_encode"] = True
-    if '"Strip"' in text:
+    # SentencePiece's Metaspace decoder drops the space it prepended; so must the runtime.
+    if '"Strip"' in text or ('"Metaspace"' in text and '"prepend_scheme": "never"' not in text):
         info["strip_space_in_decode"] = True
     return info
 
