@@ -117,11 +117,13 @@ def metadata_for(specs: list[ParamSpec]) -> dict[str, Any]:
     return {"ParamSize": len(specs), "ParamBytes": param_bytes, "BitsPerParam": param_bytes * 8 / numel}
 
 
-def build_plan(model_dir: str | Path, quant_name: str, shard_cap_mb: int = DEFAULT_SHARD_CAP_MB) -> dict[str, Any]:
-    """Everything needed to write the cache, as JSON-able data."""
+def build_plan(
+    model_dir: str | Path, quant_name: str, shard_cap_mb: int = DEFAULT_SHARD_CAP_MB, index: TensorIndex | None = None
+) -> dict[str, Any]:
+    """Everything needed to write the cache, as JSON-able data (``index`` is reused when given)."""
     quant = get_quantization(quant_name)
     arch, _ = load_arch(model_dir)
-    index = TensorIndex(model_dir)
+    index = index or TensorIndex(model_dir)
     specs = plan_params(arch, index, quant)
     shards = plan_shards([(s.name, s.shape, s.dtype) for s in specs], shard_cap_mb)
     return {
@@ -197,25 +199,28 @@ class _Converter:
 
 def encode_shard(plan: dict[str, Any], shard_id: int, conv: "_Converter") -> list[memoryview]:
     """The bytes of shard ``shard_id``, tensor by tensor, in plan order."""
+    return [encode(np.ascontiguousarray(conv.tensor(rec["name"]))) for rec in _shard(plan, shard_id)["records"]]
+
+
+def _shard(plan: dict[str, Any], shard_id: int) -> dict[str, Any]:
     if not 0 <= shard_id < len(plan["shards"]):
         raise WorkflowError(f"shard {shard_id} out of range; the plan has {len(plan['shards'])} shards")
-    return [encode(np.ascontiguousarray(conv.tensor(rec["name"]))) for rec in plan["shards"][shard_id]["records"]]
+    return plan["shards"][shard_id]
 
 
 def _shard_target(plan: dict[str, Any], shard_id: int, out_dir: str | Path) -> tuple[Path, int]:
-    shard = plan["shards"][shard_id]
+    shard = _shard(plan, shard_id)
     return Path(out_dir) / shard["dataPath"], sum(r["nbytes"] for r in shard["records"])
 
 
 def convert_shard(plan: dict[str, Any], shard_id: int, out_dir: str | Path, index: TensorIndex | None = None) -> str:
     """Write ``params_shard_<shard_id>.bin`` of ``plan`` into ``out_dir``; return its md5."""
-    if plan.get("external"):
-        name = plan["shards"][shard_id]["dataPath"]
-        _copy_external(plan, name, out_dir)
-        return md5_file(Path(out_dir) / name)
-    check_free_space(out_dir, _shard_target(plan, shard_id, out_dir)[1], f"shard {shard_id}")
-    chunks = encode_shard(plan, shard_id, _Converter(plan, index or TensorIndex(plan["model_dir"])))
     path, expected = _shard_target(plan, shard_id, out_dir)
+    if plan.get("external"):
+        _copy_external(plan, path.name, out_dir)
+        return md5_file(path)
+    check_free_space(out_dir, expected, f"shard {shard_id}")
+    chunks = encode_shard(plan, shard_id, _Converter(plan, index or TensorIndex(plan["model_dir"])))
     return write_shard(path, chunks, expected)
 
 
@@ -241,27 +246,30 @@ def _convert_pipelined(plan: dict[str, Any], out_dir: Path, index: TensorIndex) 
     """Compute shard i+1 while shard i is written and hashed: at most two shards in memory."""
     conv = _Converter(plan, index)
     md5s: dict[str, str] = {}
+
+    def finish(name: str, written: Any, sources: list[str]) -> None:
+        md5s[name] = written.result()
+        index.release(sources)
+
     with ThreadPoolExecutor(max_workers=1) as writer:
         pending = None
         for i, shard in enumerate(plan["shards"]):
             chunks = encode_shard(plan, i, conv)
             if pending is not None:
-                md5s[pending[0]] = pending[1].result()
-                index.release(pending[2])
+                finish(*pending)
             path, expected = _shard_target(plan, i, out_dir)
             sources = [conv.specs[r["name"]].source for r in shard["records"]]
             pending = (shard["dataPath"], writer.submit(write_shard, path, chunks, expected), sources)
         if pending is not None:
-            md5s[pending[0]] = pending[1].result()
-            index.release(pending[2])
+            finish(*pending)
     return md5s
 
 
 def convert(model_dir: str | Path, quant_name: str, out_dir: str | Path, shard_cap_mb: int = DEFAULT_SHARD_CAP_MB) -> dict[str, Any]:
     """The whole conversion in one process, published atomically into ``out_dir``."""
-    plan = build_plan(model_dir, quant_name, shard_cap_mb)
-    check_free_space(Path(out_dir).parent, planned_bytes(plan), f"{quant_name} params")
     index = TensorIndex(model_dir)
+    plan = build_plan(model_dir, quant_name, shard_cap_mb, index)
+    check_free_space(Path(out_dir).parent, planned_bytes(plan), f"{quant_name} params")
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
         md5s = _convert_pipelined(plan, tmp, index)

@@ -46,9 +46,17 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
 
+def _nll(logp: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    return -logp[np.arange(len(targets)), targets]
+
+
+def _kl(lp: np.ndarray, lq: np.ndarray) -> np.ndarray:
+    return np.maximum((np.exp(lp) * (lp - lq)).sum(axis=-1), 0.0)
+
+
 def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """Negative log-likelihood of each target under the logits that predict it."""
-    return -log_softmax(logits)[np.arange(len(targets)), targets]
+    return _nll(log_softmax(logits), targets)
 
 
 def perplexity(nll: np.ndarray) -> float:
@@ -57,8 +65,7 @@ def perplexity(nll: np.ndarray) -> float:
 
 def kl_divergence(ref_logits: np.ndarray, test_logits: np.ndarray) -> np.ndarray:
     """KL(P_ref ‖ P_test) per position, in nats."""
-    lp, lq = log_softmax(ref_logits), log_softmax(test_logits)
-    return np.maximum((np.exp(lp) * (lp - lq)).sum(axis=-1), 0.0)
+    return _kl(log_softmax(ref_logits), log_softmax(test_logits))
 
 
 def top1_agreement(ref_logits: np.ndarray, test_logits: np.ndarray) -> float:
@@ -67,10 +74,14 @@ def top1_agreement(ref_logits: np.ndarray, test_logits: np.ndarray) -> float:
 
 
 def compare(ref_logits: np.ndarray, test_logits: np.ndarray, targets: np.ndarray) -> dict[str, float]:
-    """All quality metrics of ``test`` against ``ref`` on the same scored positions."""
-    ppl_ref = perplexity(token_nll(ref_logits, targets))
-    ppl = perplexity(token_nll(test_logits, targets))
-    kl = kl_divergence(ref_logits, test_logits)
+    """All quality metrics of ``test`` against ``ref`` on the same scored positions.
+
+    Each side's log-softmax is computed once (float64 over the vocabulary is the costly part).
+    """
+    lp, lq = log_softmax(ref_logits), log_softmax(test_logits)
+    ppl_ref = perplexity(_nll(lp, targets))
+    ppl = perplexity(_nll(lq, targets))
+    kl = _kl(lp, lq)
     return {
         "ppl": ppl,
         "ppl_reference": ppl_ref,
