@@ -101,7 +101,7 @@ def plan_params(arch: NeoXArch, index: TensorIndex, quant: Quantization) -> list
         if quant.kind == "group-quant" and _is_quantized_weight(src, shape):
             rows, k = shape
             words, groups = quant.padded_k(k) // quant.elems_per_word, quant.padded_k(k) // quant.group_size
-            transpose = quant.transposed and "embed_in" not in src
+            transpose = quant.stores_transposed(src)
             wshape, sshape = ([words, rows], [groups, rows]) if transpose else ([rows, words], [rows, groups])
             specs.append(ParamSpec(base + ".q_weight", wshape, "uint32", src, "q_weight", numel))
             specs.append(ParamSpec(base + ".q_scale", sshape, quant.model_dtype, src, "q_scale", 0))
@@ -182,7 +182,7 @@ class _Converter:
         if self._pair is None or self._pair[0] != spec.source:
             weight = self._source(spec.source).astype(self.quant.model_dtype, copy=False)
             q_weight, q_scale = _quantize_blocked(weight, self.quant)
-            if list(q_weight.shape) != spec.shape and self.quant.transposed:
+            if self.quant.stores_transposed(spec.source):
                 q_weight, q_scale = q_weight.T, q_scale.T
             self._pair = (spec.source, q_weight, q_scale)
         out = self._pair[1] if spec.part == "q_weight" else self._pair[2]

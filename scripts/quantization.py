@@ -60,6 +60,14 @@ class Quantization:
         """K rounded up to whole groups (MLC zero-pads the trailing partial group)."""
         return -(-k // self.group_size) * self.group_size
 
+    def stores_transposed(self, name: str) -> bool:
+        """Whether tensor ``name`` (HF or MLC name) is stored ``[K/.., N]``: ``_0`` linear layers only.
+
+        One rule for the planner, the converter and the reference, decided by name: inferring it
+        from shapes breaks when a pair's ``q_scale`` is converted before its ``q_weight``.
+        """
+        return self.transposed and "embed_in" not in name
+
 
 QUANTIZATIONS: dict[str, Quantization] = {
     q.name: q

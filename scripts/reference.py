@@ -39,7 +39,7 @@ def hf_state_from_cache(cache_dir: str | Path, quant: Quantization | str, heads:
             base = name.removesuffix(".q_weight")
             hf = base + ".weight"
             q_weight, q_scale = value, cache[base + ".q_scale"]
-            if quant.transposed and "embed_in" not in name:
+            if quant.stores_transposed(name):
                 q_weight, q_scale = q_weight.T, q_scale.T
             value = dequantize(np.ascontiguousarray(q_weight), np.ascontiguousarray(q_scale), quant, in_features[hf])
             name = hf
