@@ -127,8 +127,8 @@ def _memory_usage(mod: Any) -> dict[str, int]:
 def pipeline(target: Any) -> Any:
     """TVM's default Relax pipeline, with two changes.
 
-    * Host CPU: reduction kernels are parallelised (scripts/cpu_schedule.py); TVM's CPU pipeline
-      schedules nothing.
+    * Host CPU: every kernel gets a schedule from scripts/cpu_schedule.py (GEMV, tiled matmul,
+      parallel elementwise and reductions); TVM's CPU pipeline schedules nothing.
     * Apple GPUs: dlight's Matmul rule is left out — in apache-tvm 0.26 ``gpu.Matmul`` tries Metal
       simdgroup tensorization and crashes inside ``Tensorize`` for these kernels; GEMV/Reduction/
       Fallback rules schedule them correctly (prefill runs the matmuls with the fallback schedule).
@@ -139,9 +139,9 @@ def pipeline(target: Any) -> Any:
     if target.kind.name == "llvm":
         from tvm.relax.backend.cpu_generic import pipeline as cpu
 
-        from scripts.cpu_schedule import ParallelReductions
+        from scripts.cpu_schedule import host_rules
 
-        return _scheduled_pipeline(cpu, target, [ParallelReductions()])
+        return _scheduled_pipeline(cpu, target, host_rules())
     if target.kind.name == "metal":
         from tvm.relax.backend.gpu_generic import pipeline as gpu
 
@@ -205,7 +205,8 @@ def export_module(chat_config_path: str | Path, device: str, system_lib_prefix: 
         raise WorkflowError(f"model_type {cfg.get('model_type')!r} is not supported; supported: gpt_neox")
     quant = get_quantization(cfg["quantization"])
     target = make_target(device, host_cpu)
-    model = GPTNeoXForCausalLM(NeoXConfig.from_chat_config(cfg), quant, target)
+    host = target.kind.name == "llvm"
+    model = GPTNeoXForCausalLM(NeoXConfig.from_chat_config(cfg, dequantize_rows=host), quant, target)
     mod, params = model.export_tvm(spec=model.get_default_spec())
     mod = add_kv_cache_creation(mod, model)
     mod = _bound_dynamic_shapes(mod, cfg)

@@ -11,8 +11,12 @@ Architecture facts, all read from the chat config's ``model_config`` (itself fro
 parallel or sequential residual, partial rotary embedding (``rotary_pct`` of each head, applied by
 TVM's paged KV cache, rotate-half "NeoX" style), rotary base, LayerNorm eps, exact (erf) GELU,
 untied output head, MLP computed in ``ffn_out_dtype`` (float32: the MLP's float16 overflow is why the
-original LINE conversion had to force it). Quantized weights are dequantized inside the graph so TVM
-fuses dequantize + matmul.
+original LINE conversion had to force it).
+
+Linear layers are MLC's ``NT_matmul``: they read each weight in its stored layout (never a per-call
+transpose), unpack quantized words inside the reduction (one read of 4-bit data per token), and
+accumulate in float32; ``decode`` takes ``[1, 1, hidden]`` as MLC's does, so its kernels are static
+GEMVs that TVM's dlight GPU rules and scripts/cpu_schedule.py recognise.
 """
 
 from __future__ import annotations
@@ -46,13 +50,15 @@ class NeoXConfig:
     use_parallel_residual: bool
     ffn_out_dtype: str
     max_batch_size: int
+    dequantize_rows: bool = False  # host CPU: unpack quantized weights once per multi-token call
+
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
     @classmethod
-    def from_chat_config(cls, cfg: dict[str, Any]) -> "NeoXConfig":
+    def from_chat_config(cls, cfg: dict[str, Any], dequantize_rows: bool = False) -> "NeoXConfig":
         mc = cfg["model_config"]
         return cls(
             hidden_size=mc["hidden_size"],
@@ -68,33 +74,88 @@ class NeoXConfig:
             use_parallel_residual=mc["use_parallel_residual"],
             ffn_out_dtype=mc.get("ffn_out_dtype", "float32"),
             max_batch_size=mc.get("max_batch_size", 128),
+            dequantize_rows=dequantize_rows,
         )
 
 
-def _dequantize(q_weight: Tensor, q_scale: Tensor, quant: Quantization, k: int, transposed: bool) -> Tensor:
-    """Unpack uint32 words to ``[N, k]`` in the model dtype: ``(code - max_int) * scale``."""
+def _weight_element(quant: Quantization, qw: te.Tensor, qs: te.Tensor, i: Any, j: Any, transposed: bool) -> tirx.PrimExpr:
+    """``W[i, j] = (code - max_int) * scale`` unpacked from MLC's words, exactly, as float32.
+
+    Why float32: a small integer times a float16 scale is exact in float32, so every target computes
+    with the quantized weight's true value. (MLC rounds it to float16 first: a difference of at most
+    half a float16 ulp per weight, far inside the conformance tolerance.) On CPUs without native
+    float16 arithmetic it is also the fast path: no convert-compute-round per operation.
+    """
     epw, bits, group = quant.elems_per_word, quant.bits, quant.group_size
-    dtype = quant.model_dtype
+    word = qw[j // epw, i] if transposed else qw[i, j // epw]
+    scale = qs[j // group, i] if transposed else qs[i, j // group]
+    shift = (j % epw * bits).astype("uint32")
+    code = tirx.bitwise_and(tirx.shift_right(word, shift), tirx.const((1 << bits) - 1, "uint32"))
+    return (code.astype("float32") - tirx.const(quant.max_int, "float32")) * scale.astype("float32")
+
+
+def _dequantize(q_weight: Tensor, q_scale: Tensor, quant: Quantization, k: int, transposed: bool, dtype: str) -> Tensor:
+    """Unpack uint32 words to ``[N, k]`` in ``dtype`` (embedding rows; host prefill weights)."""
     n = q_weight.shape[1] if transposed else q_weight.shape[0]
 
     def compute(qw: te.Tensor, qs: te.Tensor) -> te.Tensor:
-        def elem(i: tirx.Var, j: tirx.Var) -> tirx.PrimExpr:
-            word = qw[j // epw, i] if transposed else qw[i, j // epw]
-            scale = qs[j // group, i] if transposed else qs[i, j // group]
-            shift = (j % epw * bits).astype("uint32")
-            code = tirx.bitwise_and(tirx.shift_right(word, shift), tirx.const((1 << bits) - 1, "uint32"))
-            return (code.astype(dtype) - tirx.const(quant.max_int, dtype)) * scale
-
-        return te.compute((n, k), elem, name="dequantize")
+        return te.compute((n, k), lambda i, j: _weight_element(quant, qw, qs, i, j, transposed).astype(dtype), name="dequantize")
 
     return op.tensor_expr_op(compute, "dequantize", [q_weight, q_scale])
 
 
-class QLinear(nn.Module):
-    """A linear layer stored as MLC group-quantized ``q_weight`` / ``q_scale`` (``_0`` or ``_1`` layout)."""
+def _nt_matmul(x: Tensor, weights: list[Tensor], element: Any, n: int, k: int, name: str) -> Tensor:
+    """``y[b, s, j] = Σ_k x[b, s, k] · W[j, k]`` in float32, reading ``W`` as stored (``element``).
 
-    def __init__(self, in_features: int, out_features: int, quant: Quantization, bias: bool, bias_dtype: str | None, out_dtype: str | None) -> None:
-        self.in_features, self.out_features, self.quant, self.out_dtype = in_features, out_features, quant, out_dtype
+    Why not ``matmul(x, permute_dims(W))``: TVM lowers that to a transpose of the whole weight on
+    every call, then a matmul striding across it. Reading the stored layout directly (and, for
+    quantized weights, unpacking inside the reduction) is MLC's ``NT_matmul``. Accumulating in
+    float32 guards against the float16 overflow the LINE model is known for, matches what
+    transformers does, and is the fast path on CPUs.
+    """
+
+    def compute(xt: te.Tensor, *ws: te.Tensor) -> te.Tensor:
+        r = te.reduce_axis((0, k), name="k")
+        return te.compute(
+            (*xt.shape[:-1], n),
+            lambda b, s, j: te.sum(xt[b, s, r].astype("float32") * element(ws, j, r).astype("float32"), axis=r),
+            name="NT_matmul",
+        )
+
+    return op.tensor_expr_op(compute, name, [x, *weights])
+
+
+def _one_token_per_sequence(x: Tensor) -> bool:
+    return isinstance(x.shape[1], int) and x.shape[1] == 1
+
+
+class Linear(nn.Module):
+    """An unquantized linear layer (``weight [N, K]``, optional ``bias``), as MLC names it."""
+
+    def __init__(self, in_features: int, out_features: int, dtype: str, bias: bool, bias_dtype: str | None, out_dtype: str | None) -> None:
+        self.in_features, self.out_features = in_features, out_features
+        self.out_dtype = out_dtype or dtype
+        self.weight = nn.Parameter((out_features, in_features), dtype)
+        self.bias = nn.Parameter((out_features,), bias_dtype or dtype) if bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = _nt_matmul(x, [self.weight], lambda ws, i, j: ws[0][i, j], self.out_features, self.in_features, "NT_matmul")
+        y = y.astype(self.out_dtype) if self.out_dtype != "float32" else y
+        return y + self.bias if self.bias is not None else y
+
+
+class QLinear(nn.Module):
+    """A linear layer stored as MLC group-quantized ``q_weight`` / ``q_scale`` (``_0`` or ``_1`` layout).
+
+    The weight is unpacked inside the matmul (one read of 4-bit data) except for several tokens per
+    sequence on the host CPU (``dequantize_rows``): there the CPU is compute-bound, so unpacking
+    once per call (to float32, the same values the fused path uses) beats unpacking per token row.
+    """
+
+    def __init__(self, in_features: int, out_features: int, quant: Quantization, bias: bool, bias_dtype: str | None, out_dtype: str | None, dequantize_rows: bool) -> None:
+        self.in_features, self.out_features, self.quant = in_features, out_features, quant
+        self.out_dtype = out_dtype or quant.model_dtype
+        self.dequantize_rows = dequantize_rows
         kp = quant.padded_k(in_features)
         words, groups = kp // quant.elems_per_word, kp // quant.group_size
         if quant.transposed:
@@ -106,8 +167,14 @@ class QLinear(nn.Module):
         self.bias = nn.Parameter((out_features,), bias_dtype or quant.model_dtype) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
-        w = _dequantize(self.q_weight, self.q_scale, self.quant, self.in_features, self.quant.transposed)
-        y = op.matmul(x, op.permute_dims(w), out_dtype=self.out_dtype)
+        n, k, quant = self.out_features, self.in_features, self.quant
+        if self.dequantize_rows and not _one_token_per_sequence(x):
+            w = _dequantize(self.q_weight, self.q_scale, quant, k, quant.transposed, "float32")
+            y = _nt_matmul(x, [w], lambda ws, i, j: ws[0][i, j], n, k, "NT_matmul")
+        else:
+            element = lambda ws, i, j: _weight_element(quant, ws[0], ws[1], i, j, quant.transposed)  # noqa: E731
+            y = _nt_matmul(x, [self.q_weight, self.q_scale], element, n, k, "dequantize_NT_matmul")
+        y = y.astype(self.out_dtype) if self.out_dtype != "float32" else y
         return y + self.bias if self.bias is not None else y
 
 
@@ -123,14 +190,13 @@ class QEmbedding(nn.Module):
     def forward(self, ids: Tensor) -> Tensor:
         rows_w = op.take(self.q_weight, ids, axis=0)
         rows_s = op.take(self.q_scale, ids, axis=0)
-        return _dequantize(rows_w, rows_s, self.quant, self.dim, transposed=False)
+        return _dequantize(rows_w, rows_s, self.quant, self.dim, False, self.quant.model_dtype)
 
 
-def _linear(cfg: NeoXConfig, quant: Quantization, k: int, n: int, bias: bool = True, ffn: bool = False) -> nn.Module:
-    out_dtype = cfg.ffn_out_dtype if ffn else None
+def _linear(cfg: NeoXConfig, quant: Quantization, k: int, n: int, bias: bool = True, out_dtype: str | None = None) -> nn.Module:
     if quant.kind == "group-quant":
-        return QLinear(k, n, quant, bias, out_dtype, out_dtype)
-    return nn.Linear(k, n, bias=bias, dtype=quant.model_dtype, out_dtype=out_dtype)
+        return QLinear(k, n, quant, bias, out_dtype, out_dtype, cfg.dequantize_rows)
+    return Linear(k, n, quant.model_dtype, bias, out_dtype, out_dtype)
 
 
 class Attention(nn.Module):
@@ -150,8 +216,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: NeoXConfig, quant: Quantization) -> None:
         self.dtype = quant.model_dtype
-        self.dense_h_to_4h = _linear(cfg, quant, cfg.hidden_size, cfg.intermediate_size, ffn=True)
-        self.dense_4h_to_h = _linear(cfg, quant, cfg.intermediate_size, cfg.hidden_size, ffn=True)
+        self.dense_h_to_4h = _linear(cfg, quant, cfg.hidden_size, cfg.intermediate_size, out_dtype=cfg.ffn_out_dtype)
+        self.dense_4h_to_h = _linear(cfg, quant, cfg.intermediate_size, cfg.hidden_size, out_dtype=cfg.ffn_out_dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         h = op.gelu(self.dense_h_to_4h(x)).astype(self.dtype)
@@ -197,11 +263,11 @@ class GPTNeoXForCausalLM(nn.Module):
         self.cfg, self.quant, self.target = cfg, quant, target
         self.dtype = quant.model_dtype
         self.gpt_neox = Backbone(cfg, quant)
-        self.embed_out = _linear(cfg, quant, cfg.hidden_size, cfg.vocab_size, bias=False)
+        # float32 logits straight from the float32 accumulator (no float16 rounding of the logits)
+        self.embed_out = _linear(cfg, quant, cfg.hidden_size, cfg.vocab_size, bias=False, out_dtype="float32")
 
     def _logits(self, h: Tensor) -> Tensor:
-        logits = self.embed_out(h)
-        return logits.astype("float32") if logits.dtype != "float32" else logits
+        return self.embed_out(h)
 
     def embed(self, input_ids: Tensor) -> Tensor:
         return self.gpt_neox.embed_in(input_ids)
@@ -246,7 +312,7 @@ class GPTNeoXForCausalLM(nn.Module):
         spec = {
             "embed": {"input_ids": nn.spec.Tensor(["seq_len"], "int32"), "$": packed},
             "prefill": {"input_embed": nn.spec.Tensor([1, "seq_len", h], dt), "paged_kv_cache": kv, "$": packed},
-            "decode": {"input_embed": nn.spec.Tensor(["batch_size", 1, h], dt), "paged_kv_cache": kv, "$": packed},
+            "decode": {"input_embed": nn.spec.Tensor([1, 1, h], dt), "paged_kv_cache": kv, "$": packed},
             "batch_prefill": {
                 "input_embeds": nn.spec.Tensor([1, "seq_len", h], dt),
                 "logit_positions": nn.spec.Tensor(["batch_size"], "int32"),

@@ -101,6 +101,54 @@ def test_decode_after_prefill_equals_fresh_prefill(quant, bundle, prompt_ids):
     assert np.abs(stepped - fresh).max() < (1e-5 if quant == "q0f32" else 5e-3)
 
 
+def _lowered_kernels(cfg, device):
+    """(kernel names each Relax function calls, PrimFuncs) of the library as compile.build lowers it."""
+    import tvm
+    from tvm import relax, tirx
+
+    from scripts.compile import export_module, pipeline
+
+    mod, _, target, _ = export_module(cfg, device, "p_")
+    with target:
+        lowered = pipeline(target)(mod)
+    prims = {gv.name_hint: f for gv, f in lowered.functions.items() if isinstance(f, tirx.PrimFunc)}
+
+    def called(fn):
+        names = []
+
+        def visit(e):
+            if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.GlobalVar) and e.op.name_hint in prims:
+                names.append(e.op.name_hint)
+
+        relax.analysis.post_order_visit(lowered[fn], visit)
+        return names
+
+    return {fn: called(fn) for fn in ("prefill", "decode")}, prims
+
+
+@pytest.mark.parametrize("quant,device", [("q4f16_1", "llvm"), ("q4f16_0", "llvm"), ("q0f16", "llvm"), ("q4f16_1", "iphone")])
+def test_weights_are_read_as_stored_never_transposed_or_unpacked_per_call(quant, device, bundle):
+    """A per-call transpose or a separate dequantize of every weight made decode ~10x slower (and
+    costs an iPhone the same memory traffic): decode must read each weight once, as stored."""
+    from tvm import tirx
+
+    _, _, cfg = bundle(quant)
+    calls, prims = _lowered_kernels(cfg, device)
+    for fn, names in calls.items():
+        assert not [n for n in names if "transpose" in n], fn
+    matmuls = [n for n in calls["decode"] if "NT_matmul" in n]
+    assert len(matmuls) == 4 * 2 + 1  # qkv, dense, h→4h, 4h→h per layer (2 layers), head
+    if quant != "q0f16":
+        assert all("dequantize_NT_matmul" in n for n in matmuls)
+        assert not [n for n in calls["decode"] if "dequantize" in n and "NT_matmul" not in n]
+    if device == "llvm":  # every host matmul kernel got a (parallel) schedule
+        for name, func in prims.items():
+            if "NT_matmul" in name:
+                loops = []
+                tirx.stmt_functor.post_order_visit(func.body, lambda s: loops.append(s.kind) if isinstance(s, tirx.For) else None)
+                assert tirx.ForKind.PARALLEL in loops, name
+
+
 def test_sequence_longer_than_context_window_is_refused(bundle):
     rt = _runtime(bundle, "q0f16")
     with pytest.raises(WorkflowError, match=rf"sequence of {CONTEXT + 1} tokens exceeds the context window {CONTEXT}"):
