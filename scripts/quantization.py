@@ -172,12 +172,15 @@ def dequantize(
 
 
 def quantize_fast(weight: np.ndarray, quant: Quantization) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`quantize` with PyTorch's vectorised CPU kernels: same bits, ~4x the throughput.
+    """:func:`quantize` with PyTorch's vectorised CPU kernels: same bits, several times the throughput.
 
-    Why two implementations: numpy's float16→float32 cast and small-axis reductions are scalar
-    loops, and they dominate conversion time. The numpy :func:`quantize` stays the readable
-    specification; tests assert both produce identical words and scales (and the converter falls back
-    to it where torch is absent). The float32 bit tricks are the same, on int32 views.
+    Why two implementations: numpy's float16 arithmetic and small-axis reductions are scalar loops,
+    and they dominate conversion time. The numpy :func:`quantize` stays the readable specification;
+    tests assert both produce identical words and scales (and the converter falls back to it where
+    torch is absent). Torch computes each float16 operation in float32 and rounds once, as numpy
+    does, so the quotient and the zero-point addition run natively in the model dtype. The group
+    maximum is taken in float32 (exact, and ~5x faster than torch's float16 reduction over 32
+    elements); 4-bit codes are packed two per byte, so a word is four bytes read as one uint32.
     """
     try:
         import torch
@@ -187,34 +190,24 @@ def quantize_fast(weight: np.ndarray, quant: Quantization) -> tuple[np.ndarray, 
         return quantize(weight, quant)
     rows, k = weight.shape
     k_pad = quant.padded_k(k)
-    if k_pad != k:
-        return quantize(weight, quant)
-    half = quant.model_dtype == "float16"
-    groups = k_pad // quant.group_size
+    groups, epw, bits, top = k_pad // quant.group_size, quant.elems_per_word, quant.bits, quant.max_int
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # read-only source buffer: torch only reads it
-        src = torch.from_numpy(np.ascontiguousarray(weight))
-    work = src.float().view(rows, groups, quant.group_size)
-    scale = (work.abs().amax(dim=2) / quant.max_int).to(src.dtype)
-    inv = scale.float().clone()  # .float() aliases a float32 scale; the zero fix must not touch it
-    inv[inv == 0] = 1
-    work = work / inv.unsqueeze(2)
-    if half:
-        _round_to_f16_grid_torch(work)
-    work += float(quant.max_int)
-    if half:
-        _round_to_f16_grid_torch(work)
-    work += float(_MAGIC_ROUND)
-    codes = work.view(torch.int32) - 0x4B000000
-    codes.clamp_(0, 2 * quant.max_int)
-    codes = codes.view(rows, k_pad // quant.elems_per_word, quant.elems_per_word)
-    packed = codes[:, :, 0].clone()
-    for j in range(1, quant.elems_per_word):
-        packed |= codes[:, :, j] << (quant.bits * j)
+        w = torch.from_numpy(np.ascontiguousarray(weight))
+    if k_pad != k:  # zero padding never raises a group's maximum; its codes are zeroed below
+        w = torch.nn.functional.pad(w, (0, k_pad - k))
+    w = w.view(rows, groups, quant.group_size)
+    # copy=True: for float32 weights .float() would alias, and abs_ would flip the input's signs
+    scale = (w.to(torch.float32, copy=True).abs_().amax(dim=2) / top).to(w.dtype)  # one rounding
+    divisor = torch.where(scale == 0, torch.ones((), dtype=w.dtype), scale)  # all-zero group → code = zero point
+    q = torch.div(w, divisor.unsqueeze(2))
+    q.add_(top).round_().clamp_(0, 2 * top)  # zero point added before rounding, half to even
+    codes = q.to(torch.uint8).view(rows, k_pad)
+    codes[:, k:] = 0  # padding holds code 0, not the zero point
+    codes = codes.view(rows, k_pad // epw, epw)
+    if bits == 4:  # element j of a word at bit 4j: bytes of (even | odd << 4), little-endian
+        packed = (codes[:, :, 0::2] | (codes[:, :, 1::2] << 4)).contiguous().view(torch.int32).view(rows, k_pad // epw)
+    else:  # the bit fields do not overlap, so their sum is their bitwise or
+        shifts = torch.arange(epw, dtype=torch.int32) * bits
+        packed = (codes.to(torch.int32) << shifts).sum(dim=2, dtype=torch.int32)
     return packed.numpy().view(np.uint32), scale.numpy()
-
-
-def _round_to_f16_grid_torch(x: "torch.Tensor") -> None:  # noqa: F821 - torch imported by the caller
-    bits = x.view(__import__("torch").int32)
-    bits += 0x0FFF + ((bits >> 13) & 1)
-    bits &= -8192  # 0xFFFFE000 as int32
