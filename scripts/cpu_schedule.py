@@ -37,7 +37,8 @@ ROWS_PER_TASK = 16  # GEMV output rows per parallel task
 # (162 M q4f16_0 decode, 2 threads: 32 → 38, 256 → 67 tok/s).
 OUTER_WIDTHS = (256, 128, 64, 32)
 MR, NR = 4, 4  # Matmul register tile: tokens × output rows (× LANES partial sums: 16 registers)
-CHUNK = 16  # elementwise / generic reduction rows per parallel task
+CHUNK = 16  # generic reduction rows per parallel task
+SPATIAL_CHUNK = 1024  # elementwise kernels: elements per parallel task
 
 
 def _static(extent: Any) -> int | None:
@@ -46,7 +47,7 @@ def _static(extent: Any) -> int | None:
 
 @dataclass
 class _MatmulParts:
-    """A kernel shaped ``[producers] → one reduction over K → [injective epilogues]``."""
+    """A kernel shaped ``one reduction over K → [injective epilogues]``."""
 
     block: Any  # the reduction block
     rows: int | None  # product of the spatial extents before N (None when dynamic)
@@ -54,7 +55,6 @@ class _MatmulParts:
     k: int
     inner: bool  # the dominant operand is stored with K contiguous ([N, K])
     epilogues: list[Any]
-    producers: list[Any]
 
 
 def _vars_in(expr: Any) -> set[Any]:
@@ -64,16 +64,12 @@ def _vars_in(expr: Any) -> set[Any]:
 
 
 def _matmul_parts(sch: Any, func: Any) -> _MatmulParts | None:
-    """Recognise ``y[..., n] = Σ_k a[..., k] · w(n, k)`` (optionally fused producers/epilogues)."""
+    """Recognise ``y[..., n] = Σ_k a[..., k] · w(n, k)``, optionally followed by fused epilogues."""
     infos = normalize_prim_func(sch)
     if not infos:
         return None
-    reductions = [i for i, info in enumerate(infos) if info.is_reduction()]
-    if len(reductions) != 1:
-        return None
-    r = reductions[0]
-    info = infos[r]
-    if not all(x.is_injective() for x in infos[:r] + infos[r + 1 :]):
+    info, epilogues = infos[0], infos[1:]
+    if not info.is_reduction() or not all(x.is_injective() for x in epilogues):
         return None
     kinds = info.dom_kind()
     if kinds.count("R") != 1 or not kinds.endswith("SR"):
@@ -102,7 +98,11 @@ def _matmul_parts(sch: Any, func: Any) -> _MatmulParts | None:
     if not weights:
         return None
     inner = max(weights)[1]
-    return _MatmulParts(info.block_rv, rows, n, k, inner, [x.block_rv for x in infos[r + 1 :]], [x.block_rv for x in infos[:r]])
+    return _MatmulParts(info.block_rv, rows, n, k, inner, [x.block_rv for x in epilogues])
+
+
+def _outer_width(n: int) -> int | None:
+    return next((w for w in OUTER_WIDTHS if n % w == 0), None)
 
 
 def _attach_epilogues(sch: Any, parts: _MatmulParts, loop: Any) -> None:
@@ -118,30 +118,48 @@ def _parallel_spatial_block(sch: Any, block: Any) -> bool:
     if not loops:
         return False
     fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
-    outer, _ = sch.split(fused, factors=[None, CHUNK * 64])
+    outer, _ = sch.split(fused, factors=[None, SPATIAL_CHUNK])
     sch.parallel(outer)
     return True
 
 
-class GEMV(ScheduleRule):
-    """One output row per dot product; see the module docstring."""
+class _MatmulRule(ScheduleRule):
+    """Shared front of :class:`GEMV` and :class:`Matmul`: recognise the kernel, then schedule it."""
 
     def apply(self, func: Any, target: Any, tunable: bool) -> Any:  # noqa: ARG002 - dlight's signature
         if not isinstance(func, tirx.PrimFunc):
             return None
         sch = s_tir.Schedule(func)
         parts = _matmul_parts(sch, func)
-        if parts is None or parts.rows != 1 or parts.producers:
+        if parts is None or not self.accepts(parts):
             return None
         try:
-            return self._inner(sch, parts) if parts.inner else self._outer(sch, parts)
-        except Exception:  # noqa: BLE001 - fall through to the generic rules
+            return self.schedule(sch, parts)
+        except Exception:  # noqa: BLE001 - a primitive refused this loop nest: fall through to the next rule
             return None
+
+    def accepts(self, parts: _MatmulParts) -> bool:
+        raise NotImplementedError
+
+    def schedule(self, sch: Any, parts: _MatmulParts) -> Any:
+        raise NotImplementedError
+
+
+class GEMV(_MatmulRule):
+    """One output row per dot product; see the module docstring."""
+
+    def accepts(self, parts: _MatmulParts) -> bool:
+        if parts.rows != 1:
+            return False
+        if parts.inner:
+            return parts.k % GEMV_LANES == 0
+        return _outer_width(parts.n) is not None and parts.k % LANES == 0
+
+    def schedule(self, sch: Any, parts: _MatmulParts) -> Any:
+        return self._inner(sch, parts) if parts.inner else self._outer(sch, parts)
 
     @staticmethod
     def _inner(sch: Any, parts: _MatmulParts) -> Any:
-        if parts.k % GEMV_LANES:
-            return None
         *spatial, k = sch.get_loops(parts.block)
         n = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
         sch.split(n, factors=[None, ROWS_PER_TASK])
@@ -158,12 +176,9 @@ class GEMV(ScheduleRule):
 
     @staticmethod
     def _outer(sch: Any, parts: _MatmulParts) -> Any:
-        width = next((w for w in OUTER_WIDTHS if parts.n % w == 0), None)
-        if width is None or parts.k % LANES:
-            return None
         *spatial, k = sch.get_loops(parts.block)
         n = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
-        n0, n1 = sch.split(n, factors=[None, width])
+        n0, n1 = sch.split(n, factors=[None, _outer_width(parts.n)])
         k0, k1 = sch.split(k, factors=[None, LANES])  # LANES consecutive k share a packed word
         sch.reorder(n0, k0, k1, n1)
         acc = sch.cache_write(parts.block, 0, "local")  # running sums in a small local buffer, not the output
@@ -176,39 +191,31 @@ class GEMV(ScheduleRule):
         return sch
 
 
-class Matmul(ScheduleRule):
+class Matmul(_MatmulRule):
     """Register-tiled ``tokens × rows`` matmul for several tokens; see the module docstring."""
 
-    def apply(self, func: Any, target: Any, tunable: bool) -> Any:  # noqa: ARG002 - dlight's signature
-        if not isinstance(func, tirx.PrimFunc):
-            return None
-        sch = s_tir.Schedule(func)
-        parts = _matmul_parts(sch, func)
-        if parts is None or parts.rows == 1 or parts.producers or not parts.inner:
-            return None
-        if parts.k % LANES or parts.n % NR:
-            return None
-        try:
-            *spatial, n, k = sch.get_loops(parts.block)
-            m = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
-            m0, m1 = sch.split(m, factors=[None, MR])
-            n0, n1 = sch.split(n, factors=[None, NR])
-            k0, k1 = sch.split(k, factors=[None, LANES])
-            sch.reorder(m0, n0, m1, n1, k0, k1)
-            rf = sch.rfactor(k1, factor_axis=len(sch.get(parts.block).writes[0].buffer.shape))
-            m0, n0, m1, n1, k0, k1 = sch.get_loops(rf)
-            sch.reorder(k0, m1, n1, k1)
-            sch.reverse_compute_at(parts.block, n0, preserve_unit_loops=True)
-            _attach_epilogues(sch, parts, n0)
-            task = sch.fuse(m0, n0)
-            sch.parallel(task)
-            sch.decompose_reduction(rf, k0)
-            for loop in (m1, n1, k1):
-                sch.unroll(loop)
-            sch.set_scope(rf, 0, "local")
-            return sch
-        except Exception:  # noqa: BLE001 - fall through to the generic rules
-            return None
+    def accepts(self, parts: _MatmulParts) -> bool:
+        return parts.rows != 1 and parts.inner and parts.k % LANES == 0 and parts.n % NR == 0
+
+    def schedule(self, sch: Any, parts: _MatmulParts) -> Any:
+        *spatial, n, k = sch.get_loops(parts.block)
+        m = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
+        m0, m1 = sch.split(m, factors=[None, MR])
+        n0, n1 = sch.split(n, factors=[None, NR])
+        k0, k1 = sch.split(k, factors=[None, LANES])
+        sch.reorder(m0, n0, m1, n1, k0, k1)
+        rf = sch.rfactor(k1, factor_axis=len(sch.get(parts.block).writes[0].buffer.shape))
+        m0, n0, m1, n1, k0, k1 = sch.get_loops(rf)
+        sch.reorder(k0, m1, n1, k1)
+        sch.reverse_compute_at(parts.block, n0, preserve_unit_loops=True)
+        _attach_epilogues(sch, parts, n0)
+        task = sch.fuse(m0, n0)
+        sch.parallel(task)
+        sch.decompose_reduction(rf, k0)
+        for loop in (m1, n1, k1):
+            sch.unroll(loop)
+        sch.set_scope(rf, 0, "local")
+        return sch
 
 
 class ParallelSpatial(ScheduleRule):
