@@ -59,6 +59,18 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
         raise
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on: a Slurm job's allotment, not the node's count.
+
+    Why: thread pools sized by ``os.cpu_count()`` oversubscribe a job that was given 2 of 64 CPUs,
+    and TVM's spinning workers then slow decode by orders of magnitude.
+    """
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def write_json(path: str | os.PathLike[str], obj: Any, indent: int = 2) -> None:
     """Write JSON atomically (UTF-8, non-ASCII kept readable, trailing newline)."""
     with atomic_path(path) as tmp:

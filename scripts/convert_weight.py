@@ -17,11 +17,10 @@ Peak memory: one source tensor plus its quantization temporaries, processed in r
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,14 +30,24 @@ if __package__ in (None, ""):
 
 import numpy as np
 
-from scripts.common import WorkflowError, atomic_path, check_free_space, md5_file, read_json, run_cli, run_mlc_llm, write_json
+from scripts.common import (
+    WorkflowError,
+    atomic_path,
+    check_free_space,
+    md5_file,
+    read_json,
+    run_cli,
+    run_mlc_llm,
+    usable_cpus,
+    write_json,
+)
 from scripts.hf_checkpoint import NeoXArch, TensorIndex, load_arch
 from scripts.quantization import QUANTIZATIONS, Quantization, get_quantization, quantize_fast
 from scripts.tensor_cache import DEFAULT_SHARD_CAP_MB, ShardPlan, encode, plan_shards, verify_cache, write_index, write_shard
 
 FFN_OUT_DTYPE = "float32"  # MLC's GPT-NeoX keeps the MLP biases in float32 (ffn_out_dtype)
 _ROW_BLOCK_ELEMS = 1 << 20  # ~1 M elements per block: temporaries stay in cache, memory stays bounded
-_POOL = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)))
+_POOL = ThreadPoolExecutor(max_workers=min(4, usable_cpus()))
 
 
 @dataclass(frozen=True)

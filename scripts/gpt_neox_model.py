@@ -172,7 +172,10 @@ class QLinear(nn.Module):
             w = _dequantize(self.q_weight, self.q_scale, quant, k, quant.transposed, "float32")
             y = _nt_matmul(x, [w], lambda ws, i, j: ws[0][i, j], n, k, "NT_matmul")
         else:
-            element = lambda ws, i, j: _weight_element(quant, ws[0], ws[1], i, j, quant.transposed)  # noqa: E731
+
+            def element(ws: list[te.Tensor], i: Any, j: Any) -> tirx.PrimExpr:
+                return _weight_element(quant, ws[0], ws[1], i, j, quant.transposed)
+
             y = _nt_matmul(x, [self.q_weight, self.q_scale], element, n, k, "dequantize_NT_matmul")
         y = y.astype(self.out_dtype) if self.out_dtype != "float32" else y
         return y + self.bias if self.bias is not None else y

@@ -20,7 +20,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from scripts.common import WorkflowError, atomic_path, run_cli
+from scripts.common import WorkflowError, atomic_path, run_cli, usable_cpus
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<NL>"]  # ids 0..4; LINE's stop ids [3, 0] = pad, unk
 
@@ -76,7 +76,7 @@ def make_model(
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     torch.manual_seed(seed)
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(min(2, usable_cpus()))
     with atomic_path(out) as tmp:
         tmp.mkdir(parents=True)
         reached = train_tokenizer(corpus, vocab_size, tmp)

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from scripts.common import WorkflowError, read_json
+from scripts.common import WorkflowError, read_json, usable_cpus
 from scripts.tensor_cache import verify_cache
 
 PAGE_SIZE = 16
@@ -25,8 +25,9 @@ class ModelRuntime:
     """One sequence (id 0) on one device: prefill a prompt, then decode token by token."""
 
     def __init__(self, lib: str | Path, params_dir: str | Path, chat_config: str | Path | None = None, device: str = "cpu") -> None:
-        # TVM's thread pool counts physical cores, which is 1 on 2-vCPU machines; use every CPU.
-        os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
+        # TVM's thread pool counts physical cores, which is 1 on 2-vCPU machines; use every CPU
+        # this process may run on.
+        os.environ.setdefault("TVM_NUM_THREADS", str(usable_cpus()))
         import tvm
         from tvm import relax
         from tvm.contrib import tvmjs

@@ -261,3 +261,13 @@ def test_malicious_pickle_never_runs_through_the_workflow(wf, tmp_path, fixtures
     assert "refusing to load" in log and "weights_only=True" in log
     assert not marker.exists()
     assert not (wf / "build" / "evil" / "q0f16" / "weight-plan.json").exists()
+
+
+def test_thread_pools_follow_the_jobs_cpu_allotment():
+    """On a shared node a job may run on 1 of many CPUs: pools sized by the node's count would
+    oversubscribe it (TVM's spinning workers then slow decode by orders of magnitude)."""
+    if not hasattr(os, "sched_setaffinity"):
+        pytest.skip("CPU affinity is Linux-only")
+    code = "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); from scripts.common import usable_cpus; print(usable_cpus())"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "1"
