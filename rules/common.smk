@@ -180,14 +180,22 @@ def eval_source_args(wildcards):
     return shlex.join([*src, "--max-tokens", str(ev.get("max_tokens", 4096))])
 
 
-def eval_mem_mb(wildcards):
+def per_attempt(base):
+    """``base`` on a job's first attempt and ``n × base`` on its n-th.
+
+    Why: a job killed on a cluster for memory or time is retried (``retries`` in profiles/slurm);
+    a retry with the same request would be killed again.
+    """
+    return lambda wildcards, attempt: base * attempt
+
+
+def eval_mem_mb(wildcards, attempt):
     """float32 reference model + bundle: 4 bytes per parameter twice, plus 2 GB of headroom."""
     g = MODELS[wildcards.model].get("generate")
     if g:
-        return 3000
-    return (
-        2000 + 10 * 3600
-    )  # 3.6 B parameters × ~10 bytes (fp32 reference, activations, bundle)
+        return 3000 * attempt
+    # 3.6 B parameters × ~10 bytes (fp32 reference, activations, bundle)
+    return (2000 + 10 * 3600) * attempt
 
 
 def quality_reports(wildcards):

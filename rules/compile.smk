@@ -15,8 +15,8 @@ rule compile:
         "../envs/tvm.yaml"
     threads: 2
     resources:
-        mem_mb=8000,
-        runtime=60,
+        mem_mb=per_attempt(8000),
+        runtime=per_attempt(60),
         gpu=lambda w: 1 if w.target == "cuda" else 0,
     params:
         prefix=lambda w: layout.system_lib_prefix(w.model, w.quant),

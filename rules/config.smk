@@ -13,8 +13,8 @@ rule gen_config:
     conda:
         "../envs/tvm.yaml"
     resources:
-        mem_mb=1000,
-        runtime=5,
+        mem_mb=per_attempt(1000),
+        runtime=per_attempt(5),
     params:
         model_dir=lambda w: layout.snapshot_dir(w.model),
         tokenizer_dir=lambda w: layout.tokenizer_dir(w.model),

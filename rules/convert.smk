@@ -12,8 +12,8 @@ checkpoint weight_plan:
     conda:
         "../envs/tvm.yaml"
     resources:
-        mem_mb=1000,
-        runtime=10,
+        mem_mb=per_attempt(1000),
+        runtime=per_attempt(10),
     params:
         model_dir=lambda w: layout.snapshot_dir(w.model),
         params_dir=lambda w: layout.params_dir(w.model, w.quant),
@@ -38,8 +38,8 @@ rule convert_shard:
     conda:
         "../envs/tvm.yaml"
     resources:
-        mem_mb=3000,
-        runtime=30,
+        mem_mb=per_attempt(3000),
+        runtime=per_attempt(30),
     params:
         model_dir=lambda w: layout.snapshot_dir(w.model),
         out=lambda w: layout.params_dir(w.model, w.quant),
@@ -60,8 +60,8 @@ rule weights_index:
     conda:
         "../envs/tvm.yaml"
     resources:
-        mem_mb=1000,
-        runtime=15,
+        mem_mb=per_attempt(1000),
+        runtime=per_attempt(15),
     params:
         model_dir=lambda w: layout.snapshot_dir(w.model),
         out=lambda w: layout.params_dir(w.model, w.quant),

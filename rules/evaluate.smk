@@ -21,7 +21,7 @@ rule evaluate:
     threads: 2
     resources:
         mem_mb=eval_mem_mb,
-        runtime=120,
+        runtime=per_attempt(120),
     params:
         model_dir=lambda w: layout.snapshot_dir(w.model),
         params_dir=lambda w: layout.params_dir(w.model, w.quant),
@@ -49,7 +49,7 @@ rule evaluate_gguf:
     threads: 2
     resources:
         mem_mb=eval_mem_mb,
-        runtime=120,
+        runtime=per_attempt(120),
     params:
         model_dir=lambda w: layout.snapshot_dir(w.model),
         source=eval_source_args,
@@ -80,8 +80,8 @@ rule summarize:
     conda:
         "../envs/report.yaml"
     resources:
-        mem_mb=1000,
-        runtime=5,
+        mem_mb=per_attempt(1000),
+        runtime=per_attempt(5),
     shell:
         "python scripts/summarize.py {input.reports} --csv {output.csv} --png {output.png}"
         " --title {wildcards.model} > {log} 2>&1"

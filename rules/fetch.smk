@@ -17,8 +17,8 @@ rule generate_tiny_model:
         "../envs/hf.yaml"
     threads: 2
     resources:
-        mem_mb=3000,
-        runtime=20,
+        mem_mb=per_attempt(3000),
+        runtime=per_attempt(20),
     params:
         args=generate_args,
         out=lambda w: layout.generated_dir(w.model),
@@ -40,8 +40,8 @@ rule fetch_model:
     conda:
         "../envs/hf.yaml"
     resources:
-        mem_mb=2000,
-        runtime=120,
+        mem_mb=per_attempt(2000),
+        runtime=per_attempt(120),
     params:
         source=fetch_source_args,
         out=lambda w: layout.snapshot_dir(w.model),

@@ -14,8 +14,8 @@ rule app_config:
     conda:
         "../envs/tvm.yaml"
     resources:
-        mem_mb=500,
-        runtime=5,
+        mem_mb=per_attempt(500),
+        runtime=per_attempt(5),
     params:
         model_id=lambda w: layout.bundle_id(w.model, w.quant),
         model_lib=lambda w: layout.system_lib_prefix(w.model, w.quant),
@@ -49,8 +49,8 @@ rule package:
     conda:
         "../envs/tvm.yaml"
     resources:
-        mem_mb=1000,
-        runtime=30,
+        mem_mb=per_attempt(1000),
+        runtime=per_attempt(30),
     params:
         model_id=lambda w: layout.bundle_id(w.model, w.quant),
         params_dir=lambda w: layout.params_dir(w.model, w.quant),

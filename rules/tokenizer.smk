@@ -12,8 +12,8 @@ rule tokenizer:
     conda:
         "../envs/hf.yaml"
     resources:
-        mem_mb=4000,
-        runtime=15,
+        mem_mb=per_attempt(4000),
+        runtime=per_attempt(15),
     params:
         model_dir=lambda w: layout.snapshot_dir(w.model),
         out=lambda w: layout.tokenizer_dir(w.model),
