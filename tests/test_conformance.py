@@ -12,7 +12,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import ALL_QUANTS
+from conftest import ALL_QUANTS, FIXTURES, SHARED_FIXTURES
 from scripts.gen_config import load_templates, make_chat_config
 
 LOGIT_TOL = 5e-3  # the fixture README's bound; MLC's own q0f16 differs from float32 numpy by 1.4e-3
@@ -96,3 +96,12 @@ def test_logits_and_greedy_tokens_match_mlc(mlc_lib, fixtures_dir):
         tokens.append(int(logits.argmax()))
     assert tokens[:-1] == greedy["greedy_tokens"]
     assert tokens[-1] == greedy["next_token_after_greedy"]
+
+
+def test_fixture_copy_matches_the_shared_original():
+    """The repository's copy must not drift from the team's fixtures (where a checkout has them)."""
+    if not SHARED_FIXTURES.is_dir():
+        pytest.skip(f"no shared fixtures at {SHARED_FIXTURES} to compare the repository's copy with")
+    ours = {p.relative_to(FIXTURES): p.read_bytes() for p in FIXTURES.rglob("*") if p.is_file()}
+    theirs = {p.relative_to(SHARED_FIXTURES): p.read_bytes() for p in SHARED_FIXTURES.rglob("*") if p.is_file()}
+    assert ours.keys() == theirs.keys() and all(ours[k] == theirs[k] for k in ours)
