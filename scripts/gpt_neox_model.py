@@ -52,7 +52,6 @@ class NeoXConfig:
     max_batch_size: int
     dequantize_rows: bool = False  # host CPU: unpack quantized weights once per multi-token call
 
-
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
@@ -125,6 +124,17 @@ def _nt_matmul(x: Tensor, weights: list[Tensor], element: Any, n: int, k: int, n
     return op.tensor_expr_op(compute, name, [x, *weights])
 
 
+def _as_stored(ws: list[te.Tensor], i: Any, j: Any) -> tirx.PrimExpr:
+    """``W[i, j]`` of a weight that is stored plainly ``[N, K]``."""
+    return ws[0][i, j]
+
+
+def _finish(y: Tensor, out_dtype: str, bias: nn.Parameter | None) -> Tensor:
+    """The float32 sums cast to the layer's output dtype, plus its bias."""
+    y = y.astype(out_dtype) if out_dtype != "float32" else y
+    return y + bias if bias is not None else y
+
+
 def _one_token_per_sequence(x: Tensor) -> bool:
     return isinstance(x.shape[1], int) and x.shape[1] == 1
 
@@ -139,9 +149,8 @@ class Linear(nn.Module):
         self.bias = nn.Parameter((out_features,), bias_dtype or dtype) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
-        y = _nt_matmul(x, [self.weight], lambda ws, i, j: ws[0][i, j], self.out_features, self.in_features, "NT_matmul")
-        y = y.astype(self.out_dtype) if self.out_dtype != "float32" else y
-        return y + self.bias if self.bias is not None else y
+        y = _nt_matmul(x, [self.weight], _as_stored, self.out_features, self.in_features, "NT_matmul")
+        return _finish(y, self.out_dtype, self.bias)
 
 
 class QLinear(nn.Module):
@@ -170,15 +179,14 @@ class QLinear(nn.Module):
         n, k, quant = self.out_features, self.in_features, self.quant
         if self.dequantize_rows and not _one_token_per_sequence(x):
             w = _dequantize(self.q_weight, self.q_scale, quant, k, quant.transposed, "float32")
-            y = _nt_matmul(x, [w], lambda ws, i, j: ws[0][i, j], n, k, "NT_matmul")
+            y = _nt_matmul(x, [w], _as_stored, n, k, "NT_matmul")
         else:
 
             def element(ws: list[te.Tensor], i: Any, j: Any) -> tirx.PrimExpr:
                 return _weight_element(quant, ws[0], ws[1], i, j, quant.transposed)
 
             y = _nt_matmul(x, [self.q_weight, self.q_scale], element, n, k, "dequantize_NT_matmul")
-        y = y.astype(self.out_dtype) if self.out_dtype != "float32" else y
-        return y + self.bias if self.bias is not None else y
+        return _finish(y, self.out_dtype, self.bias)
 
 
 class QEmbedding(nn.Module):
@@ -269,9 +277,6 @@ class GPTNeoXForCausalLM(nn.Module):
         # float32 logits straight from the float32 accumulator (no float16 rounding of the logits)
         self.embed_out = _linear(cfg, quant, cfg.hidden_size, cfg.vocab_size, bias=False, out_dtype="float32")
 
-    def _logits(self, h: Tensor) -> Tensor:
-        return self.embed_out(h)
-
     def embed(self, input_ids: Tensor) -> Tensor:
         return self.gpt_neox.embed_in(input_ids)
 
@@ -283,21 +288,21 @@ class GPTNeoXForCausalLM(nn.Module):
             return te.compute((b, 1, d), lambda i, _, k: x[i, s - 1, k], name="index")
 
         h = op.tensor_expr_op(last, "index", [h])
-        return self._logits(h), paged_kv_cache
+        return self.embed_out(h), paged_kv_cache
 
     def decode(self, input_embed: Tensor, paged_kv_cache: PagedKVCache) -> tuple[Tensor, PagedKVCache]:
-        return self._logits(self.gpt_neox(input_embed, paged_kv_cache)), paged_kv_cache
+        return self.embed_out(self.gpt_neox(input_embed, paged_kv_cache)), paged_kv_cache
 
     def batch_prefill(self, input_embeds: Tensor, logit_positions: Tensor, paged_kv_cache: PagedKVCache) -> tuple[Tensor, PagedKVCache]:
         h = self.gpt_neox(input_embeds, paged_kv_cache)
         h = op.take(h, logit_positions, axis=1)
-        return self._logits(h), paged_kv_cache
+        return self.embed_out(h), paged_kv_cache
 
     def batch_decode(self, input_embeds: Tensor, paged_kv_cache: PagedKVCache) -> tuple[Tensor, PagedKVCache]:
-        return self._logits(self.gpt_neox(input_embeds, paged_kv_cache)), paged_kv_cache
+        return self.embed_out(self.gpt_neox(input_embeds, paged_kv_cache)), paged_kv_cache
 
     def batch_verify(self, input_embeds: Tensor, paged_kv_cache: PagedKVCache) -> tuple[Tensor, PagedKVCache]:
-        return self._logits(self.gpt_neox(input_embeds, paged_kv_cache)), paged_kv_cache
+        return self.embed_out(self.gpt_neox(input_embeds, paged_kv_cache)), paged_kv_cache
 
     def softmax_with_temperature(self, logits: Tensor, temperature: Tensor) -> Tensor:
         b, s, v = logits.shape
