@@ -102,20 +102,24 @@ def plan_params(arch: NeoXArch, index: TensorIndex, quant: Quantization) -> list
     ordered: list[str] = []
     for path in index.files:
         ordered += sorted(n for n, info in index.tensors.items() if info.file == path and n in wanted)
+    sources = [(src, src) for src in ordered]  # (HF name of the destination, source tensor)
+    if arch.tie_word_embeddings:
+        # MLC's GPT-NeoX always has its own output head: a tied checkpoint's head is its embedding
+        sources.append(("embed_out.weight", "gpt_neox.embed_in.weight"))
     specs: list[ParamSpec] = []
-    for src in ordered:
+    for dest, src in sources:
         shape = index.tensors[src].shape
         numel = int(np.prod(shape))
-        base = src.removesuffix(".weight")
+        base = dest.removesuffix(".weight")
         if quant.kind == "group-quant" and _is_quantized_weight(src, shape):
             rows, k = shape
             words, groups = quant.padded_k(k) // quant.elems_per_word, quant.padded_k(k) // quant.group_size
-            transpose = quant.stores_transposed(src)
+            transpose = quant.stores_transposed(base)
             wshape, sshape = ([words, rows], [groups, rows]) if transpose else ([rows, words], [rows, groups])
             specs.append(ParamSpec(base + ".q_weight", wshape, "uint32", src, "q_weight", numel))
             specs.append(ParamSpec(base + ".q_scale", sshape, quant.model_dtype, src, "q_scale", 0))
         else:
-            specs.append(ParamSpec(src, list(shape), _dtype_for(src, quant), src, "full", numel))
+            specs.append(ParamSpec(dest, list(shape), _dtype_for(src, quant), src, "full", numel))
     return specs
 
 
@@ -188,12 +192,13 @@ class _Converter:
         spec = self.specs[name]
         if spec.part == "full":
             return self._source(spec.source).astype(spec.dtype, copy=False)
-        if self._pair is None or self._pair[0] != spec.source:
+        base = name.rsplit(".", 1)[0]  # the pair's MLC name: a tied head shares its source with embed_in
+        if self._pair is None or self._pair[0] != base:
             weight = self._source(spec.source).astype(self.quant.model_dtype, copy=False)
             q_weight, q_scale = _quantize_blocked(weight, self.quant)
-            if self.quant.stores_transposed(spec.source):
+            if self.quant.stores_transposed(base):
                 q_weight, q_scale = q_weight.T, q_scale.T
-            self._pair = (spec.source, q_weight, q_scale)
+            self._pair = (base, q_weight, q_scale)
         out = self._pair[1] if spec.part == "q_weight" else self._pair[2]
         if list(out.shape) != spec.shape:
             raise WorkflowError(f"{name}: produced shape {list(out.shape)}, plan says {spec.shape}")

@@ -10,8 +10,9 @@ produced for the reference fixture (``lib-interface.json``); the code is this pr
 Architecture facts, all read from the chat config's ``model_config`` (itself from the HF config):
 parallel or sequential residual, partial rotary embedding (``rotary_pct`` of each head, applied by
 TVM's paged KV cache, rotate-half "NeoX" style), rotary base, LayerNorm eps, exact (erf) GELU,
-untied output head, MLP computed in ``ffn_out_dtype`` (float32: the MLP's float16 overflow is why the
-original LINE conversion had to force it).
+an output head of its own (MLC's format has no tied variant: for a tied checkpoint the converter
+writes the embedding as ``embed_out``), MLP computed in ``ffn_out_dtype`` (float32: the MLP's
+float16 overflow is why the original LINE conversion had to force it).
 
 Linear layers are MLC's ``NT_matmul``: they read each weight in its stored layout (never a per-call
 transpose), unpack quantized words inside the reduction (one read of 4-bit data per token), and

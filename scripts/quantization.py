@@ -61,10 +61,11 @@ class Quantization:
         return -(-k // self.group_size) * self.group_size
 
     def stores_transposed(self, name: str) -> bool:
-        """Whether tensor ``name`` (HF or MLC name) is stored ``[K/.., N]``: ``_0`` linear layers only.
+        """Whether MLC parameter ``name`` is stored ``[K/.., N]``: ``_0`` linear layers only.
 
-        One rule for the planner, the converter and the reference, decided by name: inferring it
-        from shapes breaks when a pair's ``q_scale`` is converted before its ``q_weight``.
+        One rule for the planner, the converter and the reference, decided by the destination's
+        name: inferring it from shapes breaks when a pair's ``q_scale`` is converted before its
+        ``q_weight``, and a tied output head has ``embed_in`` as its source but is a linear layer.
         """
         return self.transposed and "embed_in" not in name
 

@@ -83,4 +83,6 @@ def in_features_of(model_dir: str | Path) -> dict[str, int]:
     from scripts.hf_checkpoint import TensorIndex
 
     index = TensorIndex(model_dir)
-    return {n: info.shape[1] for n, info in index.tensors.items() if len(info.shape) == 2}
+    k = {n: info.shape[1] for n, info in index.tensors.items() if len(info.shape) == 2}
+    k.setdefault("embed_out.weight", k["gpt_neox.embed_in.weight"])  # a tied head is the embedding
+    return k

@@ -76,6 +76,49 @@ def test_prefill_logits_match_transformers(quant, tiny_model, bundle, prompt_ids
     assert np.abs(all_logits - ref).max() < TOL[quant]
 
 
+@pytest.fixture(scope="module")
+def variant_model(tmp_path_factory, fixtures_dir):
+    """A GPT-NeoX unlike the tiny default in every architecture field the library reads: sequential
+    residual, half-width rotary with another base, 6 heads of 16, 3 layers, another layer-norm eps,
+    and a tied output head (saved without embed_out), in transformers 5's rope_parameters form."""
+    import shutil
+
+    import torch
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(7)
+    cfg = GPTNeoXConfig(vocab_size=1024, hidden_size=96, num_attention_heads=6, num_hidden_layers=3, intermediate_size=384,
+                        rotary_pct=0.5, rotary_emb_base=5000, layer_norm_eps=1e-6, use_parallel_residual=False,
+                        tie_word_embeddings=True, max_position_embeddings=256, initializer_range=0.05)
+    out = tmp_path_factory.mktemp("variant") / "model"
+    GPTNeoXForCausalLM(cfg).save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy2(fixtures_dir / "model" / name, out / name)
+    return out
+
+
+@pytest.mark.parametrize("quant", ["q0f32", "q4f16_0"])
+def test_variant_architecture_matches_transformers(quant, variant_model, tmp_path, compiled):
+    from scripts.hf_checkpoint import TensorIndex
+
+    assert "embed_out.weight" not in TensorIndex(variant_model).tensors  # tied: the head is the embedding
+    convert(variant_model, quant, tmp_path / "params")
+    cfg = make_chat_config(variant_model, quant, "line_llm", load_templates()["line_llm"], CONTEXT)
+    mc = cfg["model_config"]
+    assert (mc["use_parallel_residual"], mc["rotary_pct"], mc["position_embedding_base"], mc["head_dim"]) == (False, 0.5, 5000, 16)
+    (tmp_path / "mlc-chat-config.json").write_text(json.dumps(cfg))
+    from scripts.runtime import ModelRuntime
+
+    rt = ModelRuntime(compiled(tmp_path / "mlc-chat-config.json"), tmp_path / "params", tmp_path / "mlc-chat-config.json")
+    model = load_hf_model(variant_model, hf_state_from_cache(tmp_path / "params", quant, 6, in_features_of(variant_model)))
+    ids = list(range(3, 43))
+    ref = hf_logits(model, ids)
+    assert np.abs(rt.prefill_all_logits(ids) - ref).max() < TOL[quant]
+    rt.reset()
+    rt.prefill(ids[:-1])
+    assert np.abs(rt.decode(ids[-1]) - ref[-1]).max() < TOL[quant]
+
+
 def test_q0f32_32_greedy_tokens_identical(tiny_model, bundle, prompt_ids):
     import torch
 
