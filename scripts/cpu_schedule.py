@@ -6,9 +6,9 @@ are dlight rules, tried in order on each fused kernel:
 * :class:`GEMV` — one token per sequence (decode, last-token logits): each output row is a dot
   product over the stored weight row. Rows run in parallel; the reduction is split into
   ``GEMV_LANES`` independent float32 partial sums kept in registers (rfactor + unroll), which
-  LLVM's SLP vectoriser turns into SIMD over K. A weight stored ``[K, N]`` (the ``_0`` layouts) is instead swept row by
-  row, accumulating a wide block of outputs in a local buffer, each packed word loaded once per
-  ``LANES`` rows of K. Epilogues (bias, residual, casts) are computed at the row.
+  LLVM's SLP vectoriser turns into SIMD over K. A weight stored ``[K, N]`` (the ``_0`` layouts)
+  is instead swept row by row, accumulating a wide block of outputs in a local buffer, each
+  packed word loaded once per ``LANES`` rows of K. Epilogues (bias, residual, casts) are computed at the row.
 * :class:`Matmul` — several tokens (prefill): register tiles of ``MR`` tokens × ``NR`` output
   rows × ``LANES`` partial sums, so each loaded weight vector is used ``MR`` times and each token
   vector ``NR`` times.
@@ -41,6 +41,11 @@ CHUNK = 16  # generic reduction rows per parallel task
 SPATIAL_CHUNK = 1024  # elementwise kernels: elements per parallel task
 
 
+def _fused(sch: Any, loops: list[Any]) -> Any:
+    """One loop over ``loops`` (the loop itself when there is only one)."""
+    return sch.fuse(*loops) if len(loops) > 1 else loops[0]
+
+
 def _static(extent: Any) -> int | None:
     return int(extent) if isinstance(extent, (int, tirx.IntImm)) else None
 
@@ -63,7 +68,7 @@ def _vars_in(expr: Any) -> set[Any]:
     return found
 
 
-def _matmul_parts(sch: Any, func: Any) -> _MatmulParts | None:
+def _matmul_parts(sch: Any) -> _MatmulParts | None:
     """Recognise ``y[..., n] = Σ_k a[..., k] · w(n, k)``, optionally followed by fused epilogues."""
     infos = normalize_prim_func(sch)
     if not infos:
@@ -117,7 +122,7 @@ def _parallel_spatial_block(sch: Any, block: Any) -> bool:
     loops = sch.get_loops(block)
     if not loops:
         return False
-    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+    fused = _fused(sch, loops)
     outer, _ = sch.split(fused, factors=[None, SPATIAL_CHUNK])
     sch.parallel(outer)
     return True
@@ -130,7 +135,7 @@ class _MatmulRule(ScheduleRule):
         if not isinstance(func, tirx.PrimFunc):
             return None
         sch = s_tir.Schedule(func)
-        parts = _matmul_parts(sch, func)
+        parts = _matmul_parts(sch)
         if parts is None or not self.accepts(parts):
             return None
         try:
@@ -161,7 +166,7 @@ class GEMV(_MatmulRule):
     @staticmethod
     def _inner(sch: Any, parts: _MatmulParts) -> Any:
         *spatial, k = sch.get_loops(parts.block)
-        n = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
+        n = _fused(sch, spatial)
         sch.split(n, factors=[None, ROWS_PER_TASK])
         _, k1 = sch.split(k, factors=[None, GEMV_LANES])
         rf = sch.rfactor(k1, factor_axis=len(sch.get(parts.block).writes[0].buffer.shape))
@@ -177,7 +182,7 @@ class GEMV(_MatmulRule):
     @staticmethod
     def _outer(sch: Any, parts: _MatmulParts) -> Any:
         *spatial, k = sch.get_loops(parts.block)
-        n = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
+        n = _fused(sch, spatial)
         n0, n1 = sch.split(n, factors=[None, _outer_width(parts.n)])
         k0, k1 = sch.split(k, factors=[None, LANES])  # LANES consecutive k share a packed word
         sch.reorder(n0, k0, k1, n1)
@@ -199,7 +204,7 @@ class Matmul(_MatmulRule):
 
     def schedule(self, sch: Any, parts: _MatmulParts) -> Any:
         *spatial, n, k = sch.get_loops(parts.block)
-        m = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
+        m = _fused(sch, spatial)
         m0, m1 = sch.split(m, factors=[None, MR])
         n0, n1 = sch.split(n, factors=[None, NR])
         k0, k1 = sch.split(k, factors=[None, LANES])
@@ -263,7 +268,7 @@ class ParallelReductions(ScheduleRule):
                 continue
             try:
                 sch.reorder(*spatial, *reduction)
-                fused = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
+                fused = _fused(sch, spatial)
                 outer, _ = sch.split(fused, factors=[None, CHUNK])
                 sch.parallel(outer)
                 scheduled = True
