@@ -181,21 +181,24 @@ def eval_source_args(wildcards):
 
 
 def per_attempt(base):
-    """``base`` on a job's first attempt and ``n × base`` on its n-th.
+    """``base`` (a number, or a function of the wildcards) on a job's first attempt, n × on its n-th.
 
     Why: a job killed on a cluster for memory or time is retried (``retries`` in profiles/slurm);
     a retry with the same request would be killed again.
     """
-    return lambda wildcards, attempt: base * attempt
+    return (
+        lambda wildcards, attempt: (base(wildcards) if callable(base) else base)
+        * attempt
+    )
 
 
-def eval_mem_mb(wildcards, attempt):
+def eval_mem_mb(wildcards):
     """float32 reference model + bundle: 4 bytes per parameter twice, plus 2 GB of headroom."""
     g = MODELS[wildcards.model].get("generate")
     if g:
-        return 3000 * attempt
+        return 3000
     # 3.6 B parameters × ~10 bytes (fp32 reference, activations, bundle)
-    return (2000 + 10 * 3600) * attempt
+    return 2000 + 10 * 3600
 
 
 def quality_reports(wildcards):

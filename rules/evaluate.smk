@@ -20,7 +20,7 @@ rule evaluate:
         "../envs/report.yaml"
     threads: 2
     resources:
-        mem_mb=eval_mem_mb,
+        mem_mb=per_attempt(eval_mem_mb),
         runtime=per_attempt(120),
     params:
         model_dir=lambda w: layout.snapshot_dir(w.model),
@@ -48,7 +48,7 @@ rule evaluate_gguf:
         "../envs/report.yaml"
     threads: 2
     resources:
-        mem_mb=eval_mem_mb,
+        mem_mb=per_attempt(eval_mem_mb),
         runtime=per_attempt(120),
     params:
         model_dir=lambda w: layout.snapshot_dir(w.model),
