@@ -1,19 +1,16 @@
 """neox-mlc-workflow: Hugging Face GPT-NeoX checkpoint -> MLC-LLM iOS bundle, with quality reports."""
 
-import sys
 from pathlib import Path
 
 from snakemake.utils import min_version
 
 min_version("9.0")
 
-sys.path.insert(0, workflow.basedir)
-
 
 configfile: "config.yaml"
 
 
-from scripts.workflow_config import stop_on_bad_config, validate_config
+from neox_mlc.workflow_config import stop_on_bad_config, validate_config
 
 stop_on_bad_config(
     validate_config, config, Path(workflow.basedir) / "config" / "config.schema.yaml"

@@ -9,4 +9,6 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -r requirements.txt
+# The library itself (neox_mlc), editable so that the rules run this checkout's code.
+.venv/bin/python -m pip install -q --no-deps -e .
 .venv/bin/python -c "import tvm, torch, snakemake; print('ready: tvm', tvm.__version__, '| torch', torch.__version__, '| snakemake', snakemake.__version__)"

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import os
 
-from scripts import layout
-from scripts.common import WorkflowError
-from scripts.quantization import QUANTIZATIONS
-from scripts.workflow_config import (
+from neox_mlc import layout
+from neox_mlc.codedeps import code_inputs
+from neox_mlc.common import WorkflowError
+from neox_mlc.quantization import QUANTIZATIONS
+from neox_mlc.workflow_config import (
     check_config,
     put_interpreter_first_on_path,
     stop_on_bad_config,
@@ -26,24 +27,18 @@ GGUF_TYPES = [
     "Q4_0",
     "Q4_1",
     "Q8_0",
-]  # peers from the gguf package, see scripts/evaluate.py
-# The code each step runs is an input of its rule: changing the converter or the compiler reruns
-# exactly the artifacts it makes (Snakemake compares small inputs by checksum, not only mtime).
-_SHARED = ["scripts/common.py", "scripts/layout.py"]
-CODE = {
-    step: _SHARED + [f"scripts/{m}.py" for m in modules]
-    for step, modules in {
-        "generate": ["make_tiny_model", "train_tiny"],
-        "fetch": ["fetch_model", "hf_checkpoint"],
-        "tokenizer": ["make_tokenizer"],
-        "convert": ["convert_weight", "quantization", "tensor_cache", "hf_checkpoint"],
-        "gen_config": ["gen_config", "hf_checkpoint"],
-        "compile": ["compile", "gpt_neox_model", "cpu_schedule", "quantization"],
-        "package": ["package", "tensor_cache"],
-        "evaluate": ["evaluate", "runtime", "reference", "chat", "quantization"],
-        "summarize": ["summarize"],
-    }.items()
-}
+]  # peers from the gguf package, see neox_mlc/evaluate.py
+
+
+def code(entry):
+    """The entry script ``scripts/<entry>.py`` and the library modules it imports: a rule's code.
+
+    Changing any of them reruns exactly the artifacts that step makes (Snakemake compares small
+    inputs by checksum, not only mtime); the list is derived from the imports, never kept by hand.
+    """
+    return code_inputs(workflow.basedir, f"scripts/{entry}.py")
+
+
 TARGETS_BUILT = [config["target"], *config.get("extra_targets", [])]
 
 

@@ -3,7 +3,7 @@
 
 rule compile:
     input:
-        code=CODE["compile"],
+        code=code("compile"),
         chat_config="build/{model}/{quant}/mlc-chat-config.json",
     output:
         lib="build/{model}/{quant}/lib/{model}-{quant}-{target}.{ext}",

@@ -3,7 +3,7 @@
 
 rule gen_config:
     input:
-        code=CODE["gen_config"],
+        code=code("gen_config"),
         config="resources/models/{model}/config.json",
         tokenizer="build/{model}/tokenizer/tokenizer.json",
     output:

@@ -3,7 +3,7 @@
 
 checkpoint weight_plan:
     input:
-        code=CODE["convert"],
+        code=code("convert_weight"),
         snapshot="resources/models/{model}/snapshot.json",
     output:
         plan="build/{model}/{quant}/weight-plan.json",
@@ -25,7 +25,7 @@ checkpoint weight_plan:
 
 rule convert_shard:
     input:
-        code=CODE["convert"],
+        code=code("convert_weight"),
         plan="build/{model}/{quant}/weight-plan.json",
         # the weights themselves: the plan only lists shapes, so it is unchanged when values change
         snapshot="resources/models/{model}/snapshot.json",
@@ -50,7 +50,7 @@ rule convert_shard:
 
 rule weights_index:
     input:
-        code=CODE["convert"],
+        code=code("convert_weight"),
         plan="build/{model}/{quant}/weight-plan.json",
         shards=shard_files,
     output:

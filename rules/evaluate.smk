@@ -3,7 +3,7 @@
 
 rule evaluate:
     input:
-        code=CODE["evaluate"],
+        code=code("evaluate"),
         snapshot="resources/models/{model}/snapshot.json",
         index="build/{model}/{quant}/params/tensor-cache.json",
         chat_config="build/{model}/{quant}/mlc-chat-config.json",
@@ -34,7 +34,7 @@ rule evaluate:
 
 rule evaluate_gguf:
     input:
-        code=CODE["evaluate"],
+        code=code("evaluate"),
         snapshot="resources/models/{model}/snapshot.json",
         tokenizer="build/{model}/tokenizer/tokenizer.json",
         text=eval_text_input,
@@ -63,7 +63,7 @@ rule evaluate_gguf:
 rule summarize:
     input:
         reports=quality_reports,
-        code=CODE["summarize"],
+        code=code("summarize"),
     output:
         csv=report(
             "reports/{model}/summary.csv",

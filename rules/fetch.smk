@@ -3,7 +3,7 @@
 
 rule generate_tiny_model:
     input:
-        code=CODE["generate"],
+        code=code("make_tiny_model"),
         corpus="data/corpus_ja.txt",
     output:
         config="resources/generated/{model}/config.json",
@@ -29,7 +29,7 @@ rule generate_tiny_model:
 rule fetch_model:
     input:
         fetch_inputs,
-        code=CODE["fetch"],
+        code=code("fetch_model"),
     output:
         config="resources/models/{model}/config.json",
         snapshot="resources/models/{model}/snapshot.json",

@@ -3,7 +3,7 @@
 
 rule app_config:
     input:
-        code=CODE["package"],
+        code=code("package"),
         index="build/{model}/{quant}/params/tensor-cache.json",
         chat_config="build/{model}/{quant}/mlc-chat-config.json",
     output:
@@ -33,7 +33,7 @@ rule app_config:
 
 rule package:
     input:
-        code=CODE["package"],
+        code=code("package"),
         index="build/{model}/{quant}/params/tensor-cache.json",
         shards=shard_files,
         chat_config="build/{model}/{quant}/mlc-chat-config.json",

@@ -3,7 +3,7 @@
 
 rule tokenizer:
     input:
-        code=CODE["tokenizer"],
+        code=code("make_tokenizer"),
         snapshot="resources/models/{model}/snapshot.json",
     output:
         tokenizer="build/{model}/tokenizer/tokenizer.json",

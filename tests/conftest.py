@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 # What MLC-LLM itself wrote for a tiny GPT-NeoX (see its README). The team keeps the original in
 # ../shared/fixtures/mlc-reference; this repository carries a byte-identical copy so that a clean
@@ -34,7 +33,7 @@ def fixtures_dir() -> Path:
 @pytest.fixture(scope="session")
 def converted(tmp_path_factory, fixtures_dir):
     """quant -> params dir converted from the fixture checkpoint by this project."""
-    from scripts.convert_weight import convert
+    from neox_mlc.convert_weight import convert
 
     root = tmp_path_factory.mktemp("converted")
     cache = {}
@@ -51,8 +50,8 @@ def converted(tmp_path_factory, fixtures_dir):
 @pytest.fixture(scope="session")
 def compiled(tmp_path_factory):
     """(chat_config_path, quant, device) -> library path, built once per session."""
-    from scripts.compile import build
-    from scripts.layout import LIB_EXT
+    from neox_mlc.compile import build
+    from neox_mlc.layout import LIB_EXT
 
     root = tmp_path_factory.mktemp("libs")
     cache = {}
@@ -71,7 +70,7 @@ def compiled(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """The workflow's tiny generated checkpoint (same generator and defaults as config/tiny.yaml)."""
-    from scripts.make_tiny_model import make_model
+    from neox_mlc.make_tiny_model import make_model
 
     out = tmp_path_factory.mktemp("tiny") / "model"
     make_model(out, REPO / "data" / "corpus_ja.txt", 64, 2, 4, 256, 1024, 1024, 0.25, seed=0)
@@ -87,10 +86,21 @@ def run_snakemake(workdir: Path, *args: str, check: bool = True, env: dict | Non
     return proc
 
 
+def _workflow_sources() -> list[str]:
+    """Top-level entries of the repository that make up the workflow: everything git tracks but tests and docs."""
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    return sorted({p.split("/")[0] for p in tracked} - {"tests", "docs", ".ci", ".gitignore", "README.md", "SECURITY.md"})
+
+
+WORKFLOW_SOURCES = _workflow_sources()
+
+
 def copy_workflow(dest: Path) -> Path:
     """A fresh copy of the workflow sources (no outputs) to run Snakemake in."""
-    for name in ("Snakefile", "config.yaml"):
-        shutil.copy2(REPO / name, dest / name)
-    for name in ("rules", "scripts", "config", "data", "envs", "profiles", "report"):
-        shutil.copytree(REPO / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in WORKFLOW_SOURCES:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        else:
+            shutil.copy2(src, dest / name)
     return dest

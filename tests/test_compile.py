@@ -15,11 +15,11 @@ import tarfile
 import numpy as np
 import pytest
 
-from scripts.common import WorkflowError
-from scripts.compile import make_target
-from scripts.convert_weight import convert
-from scripts.gen_config import load_templates, make_chat_config
-from scripts.reference import hf_logits, hf_state_from_cache, in_features_of, load_hf_model
+from neox_mlc.common import WorkflowError
+from neox_mlc.compile import make_target
+from neox_mlc.convert_weight import convert
+from neox_mlc.gen_config import load_templates, make_chat_config
+from neox_mlc.reference import hf_logits, hf_state_from_cache, in_features_of, load_hf_model
 
 CONTEXT = 96
 PROMPT_TEXT = "ユーザー: 日本で一番高い山は何ですか?<NL>システム: 日本で一番高い山は富士山です。"
@@ -52,7 +52,7 @@ def bundle(tiny_model, tmp_path_factory, compiled):
 
 
 def _runtime(bundle, quant):
-    from scripts.runtime import ModelRuntime
+    from neox_mlc.runtime import ModelRuntime
 
     lib, params, cfg = bundle(quant)
     return ModelRuntime(lib, params, cfg)
@@ -99,7 +99,7 @@ def variant_model(tmp_path_factory, fixtures_dir):
 
 @pytest.mark.parametrize("quant", ["q0f32", "q4f16_0"])
 def test_variant_architecture_matches_transformers(quant, variant_model, tmp_path, compiled):
-    from scripts.hf_checkpoint import TensorIndex
+    from neox_mlc.hf_checkpoint import TensorIndex
 
     assert "embed_out.weight" not in TensorIndex(variant_model).tensors  # tied: the head is the embedding
     convert(variant_model, quant, tmp_path / "params")
@@ -107,7 +107,7 @@ def test_variant_architecture_matches_transformers(quant, variant_model, tmp_pat
     mc = cfg["model_config"]
     assert (mc["use_parallel_residual"], mc["rotary_pct"], mc["position_embedding_base"], mc["head_dim"]) == (False, 0.5, 5000, 16)
     (tmp_path / "mlc-chat-config.json").write_text(json.dumps(cfg))
-    from scripts.runtime import ModelRuntime
+    from neox_mlc.runtime import ModelRuntime
 
     rt = ModelRuntime(compiled(tmp_path / "mlc-chat-config.json"), tmp_path / "params", tmp_path / "mlc-chat-config.json")
     model = load_hf_model(variant_model, hf_state_from_cache(tmp_path / "params", quant, 6, in_features_of(variant_model)))
@@ -149,7 +149,7 @@ def _lowered_kernels(cfg, device):
     import tvm
     from tvm import relax, tirx
 
-    from scripts.compile import export_module, pipeline
+    from neox_mlc.compile import export_module, pipeline
 
     mod, _, target, _ = export_module(cfg, device, "p_")
     with target:
@@ -203,7 +203,7 @@ def test_sequence_longer_than_context_window_is_refused(bundle):
 
 @pytest.mark.parametrize("device", ["iphone", "metal"])
 def test_apple_targets_are_arm64_macho_archives_with_prefixed_symbols(device, bundle, tmp_path):
-    from scripts.compile import build
+    from neox_mlc.compile import build
 
     _, _, cfg = bundle("q4f16_0")
     out = tmp_path / f"lib-{device}.tar"
@@ -232,7 +232,7 @@ def test_cuda_library_builds_where_a_cuda_toolkit_exists(bundle, tmp_path):
     """cuda: TVM generates CUDA kernels and nvcc compiles them (sm_90); running needs a GPU."""
     import shutil
 
-    from scripts.compile import build
+    from neox_mlc.compile import build
 
     if shutil.which("nvcc") is None:
         pytest.skip("no CUDA toolkit (nvcc) on this machine")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import ALL_QUANTS, FIXTURES, SHARED_FIXTURES
-from scripts.gen_config import load_templates, make_chat_config
+from neox_mlc.gen_config import load_templates, make_chat_config
 
 LOGIT_TOL = 5e-3  # the fixture README's bound; MLC's own q0f16 differs from float32 numpy by 1.4e-3
 
@@ -56,7 +56,7 @@ def test_library_interface_matches_mlc(mlc_lib, fixtures_dir):
     exe = vm.module
     for name in ref["vm_functions"]:
         assert vm[name] is not None, name
-    from scripts.compile import build  # noqa: F401  (the module that wrote the library)
+    from neox_mlc.compile import build  # noqa: F401  (the module that wrote the library)
 
     meta = json.loads(str(vm["_metadata"]()))
     assert set(meta) == set(ref["metadata"])
@@ -69,7 +69,7 @@ def test_library_interface_matches_mlc(mlc_lib, fixtures_dir):
 
 def test_library_function_params_match_mlc(mlc_lib, fixtures_dir):
     """Parameter names per function, read from the Relax module the library was built from."""
-    from scripts.compile import interface_of
+    from neox_mlc.compile import interface_of
 
     quant, _lib, _params, cfg = mlc_lib
     ref = json.loads((fixtures_dir / quant / "lib-interface.json").read_text())
@@ -79,7 +79,7 @@ def test_library_function_params_match_mlc(mlc_lib, fixtures_dir):
 
 
 def test_logits_and_greedy_tokens_match_mlc(mlc_lib, fixtures_dir):
-    from scripts.runtime import ModelRuntime
+    from neox_mlc.runtime import ModelRuntime
 
     quant, lib, params, cfg = mlc_lib
     ids = json.loads((fixtures_dir / "inputs.json").read_text())["input_ids"]

@@ -8,9 +8,9 @@ import sys
 import pytest
 
 from conftest import REPO
-from scripts.common import WorkflowError
-from scripts.convert_weight import build_plan, convert, convert_shard, mlc_llm_argv
-from scripts.tensor_cache import plan_shards
+from neox_mlc.common import WorkflowError
+from neox_mlc.convert_weight import build_plan, convert, convert_shard, mlc_llm_argv
+from neox_mlc.tensor_cache import plan_shards
 
 
 def _copy_model(src, dst):
@@ -22,8 +22,8 @@ def test_tvm_loader_reads_every_tensor_as_the_chat_config_expects(tiny_model, tm
     import tvm
     from tvm.contrib import tvmjs
 
-    from scripts.compile import export_module
-    from scripts.gen_config import load_templates, make_chat_config
+    from neox_mlc.compile import export_module
+    from neox_mlc.gen_config import load_templates, make_chat_config
 
     out = tmp_path / "params"
     convert(tiny_model, "q4f16_1", out)
@@ -84,7 +84,7 @@ def test_missing_tensor_is_named(fixtures_dir, tmp_path):
 
 
 def test_interrupted_conversion_leaves_no_output(fixtures_dir, tmp_path, monkeypatch):
-    import scripts.convert_weight as cw
+    import neox_mlc.convert_weight as cw
 
     calls = {"n": 0}
     real = cw.encode_shard
@@ -109,7 +109,7 @@ def test_index_refuses_short_shard(fixtures_dir, tmp_path):
     convert_shard(plan, 0, out)
     path = out / "params_shard_0.bin"
     path.write_bytes(path.read_bytes()[:-10])
-    from scripts.convert_weight import write_plan_index
+    from neox_mlc.convert_weight import write_plan_index
 
     with pytest.raises(WorkflowError, match=r"params_shard_0.bin has \d+ bytes, expected \d+"):
         write_plan_index(plan, out)
@@ -132,9 +132,9 @@ def test_each_record_converts_alike_whatever_came_before(fixtures_dir, quant):
     shard boundary). Each record, converted first by a fresh converter, must still be MLC's bytes."""
     import numpy as np
 
-    from scripts.convert_weight import _Converter
-    from scripts.hf_checkpoint import TensorIndex
-    from scripts.tensor_cache import encode
+    from neox_mlc.convert_weight import _Converter
+    from neox_mlc.hf_checkpoint import TensorIndex
+    from neox_mlc.tensor_cache import encode
 
     plan = build_plan(fixtures_dir / "model", quant)
     index = TensorIndex(fixtures_dir / "model")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import copy_workflow, run_snakemake
-from scripts.evaluate import compare, eval_windows, kl_divergence, perplexity, token_nll, top1_agreement
+from neox_mlc.evaluate import compare, eval_windows, kl_divergence, perplexity, token_nll, top1_agreement
 
 ALL = ["q0f32", "q0f16", "q4f16_0", "q4f16_1", "q4f32_1", "q3f16_1"]
 

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import REPO, copy_workflow, run_snakemake
-from scripts.common import WorkflowError
+from neox_mlc.common import WorkflowError
 
 TINY = "tiny-neox-ja"
 
@@ -118,7 +118,7 @@ def _apply(cfg: dict, path: tuple, action: str, value) -> dict:
 
 
 def _check(cfg: dict) -> None:
-    from scripts.workflow_config import check_config, validate_config
+    from neox_mlc.workflow_config import check_config, validate_config
 
     validate_config(cfg, REPO / "config" / "config.schema.yaml")
     check_config(cfg, REPO)
@@ -148,7 +148,7 @@ def test_fuzzing_reaches_the_cli_as_one_line(wf):
 def test_conversion_stops_before_writing_when_the_disk_is_too_small(fixtures_dir, tmp_path, monkeypatch):
     import shutil as _shutil
 
-    from scripts.convert_weight import convert
+    from neox_mlc.convert_weight import convert
 
     monkeypatch.setattr(_shutil, "disk_usage", lambda p: _shutil._ntuple_diskusage(10**12, 10**12 - 1000, 1000))
     with pytest.raises(WorkflowError, match=r"not enough disk space for q0f16 params in .*: need 0\.\d\d GB, 0\.00 GB free"):
@@ -161,7 +161,7 @@ def test_full_disk_mid_write_leaves_nothing_a_rerun_trusts(tmp_path, monkeypatch
 
     import numpy as np
 
-    import scripts.tensor_cache as tc
+    import neox_mlc.tensor_cache as tc
 
     real_open = open
 
@@ -268,6 +268,6 @@ def test_thread_pools_follow_the_jobs_cpu_allotment():
     oversubscribe it (TVM's spinning workers then slow decode by orders of magnitude)."""
     if not hasattr(os, "sched_setaffinity"):
         pytest.skip("CPU affinity is Linux-only")
-    code = "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); from scripts.common import usable_cpus; print(usable_cpus())"
+    code = "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); from neox_mlc.common import usable_cpus; print(usable_cpus())"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "1"

@@ -6,8 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from scripts.common import WorkflowError
-from scripts.quantization import QUANTIZATIONS, dequantize, get_quantization, quantize
+from neox_mlc.common import WorkflowError
+from neox_mlc.quantization import QUANTIZATIONS, dequantize, get_quantization, quantize
 
 GROUP_MODES = [q for q in QUANTIZATIONS.values() if q.kind == "group-quant"]
 
@@ -101,7 +101,7 @@ def test_q0f32_conversion_is_exact_before_storage(w):
     The tensor cache then stores float32 as bfloat16 (MLC's ``f32-to-bf16``): that rounding is the
     format's, bounded by half a bfloat16 ulp, and checked separately below.
     """
-    from scripts.convert_weight import _dtype_for
+    from neox_mlc.convert_weight import _dtype_for
 
     out = w.astype(_dtype_for("gpt_neox.layers.0.attention.dense.weight", QUANTIZATIONS["q0f32"]))
     assert out.dtype == np.float32 and np.array_equal(out.astype(np.float16), w)
@@ -110,7 +110,7 @@ def test_q0f32_conversion_is_exact_before_storage(w):
 @settings(max_examples=40, deadline=None)
 @given(arrays(np.float32, st.integers(1, 64), elements=st.floats(-2.0**100, 2.0**100, width=32, allow_subnormal=False)))
 def test_bf16_storage_within_half_ulp(w):
-    from scripts.tensor_cache import bf16_to_f32, f32_to_bf16
+    from neox_mlc.tensor_cache import bf16_to_f32, f32_to_bf16
 
     back = bf16_to_f32(f32_to_bf16(w))
     assert (np.abs(back - w) <= np.abs(w) * 2.0**-8).all()
@@ -119,7 +119,7 @@ def test_bf16_storage_within_half_ulp(w):
 @settings(max_examples=60, deadline=None)
 @given(mode=st.sampled_from(GROUP_MODES), rows=st.integers(1, 6), groups=st.integers(1, 6), short=st.integers(0, 9), data=st.data())
 def test_fast_path_is_bit_identical_to_the_numpy_specification(mode, rows, groups, short, data):
-    from scripts.quantization import quantize_fast
+    from neox_mlc.quantization import quantize_fast
 
     k = groups * mode.group_size - short  # short > 0: a trailing partial group, zero-padded
     w = data.draw(arrays(np.dtype(mode.model_dtype), (rows, k), elements=st.floats(-4, 4, width=16)))

@@ -5,8 +5,8 @@ import json
 import pytest
 
 from conftest import REPO
-from scripts.common import WorkflowError
-from scripts.make_tokenizer import PROBE, make_tokenizer
+from neox_mlc.common import WorkflowError
+from neox_mlc.make_tokenizer import PROBE, make_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def test_directory_without_tokenizer_is_a_one_line_error(tmp_path):
 
 
 def test_chat_config_tokenizer_info_for_a_sentencepiece_tokenizer(spm_model_dir, tmp_path):
-    from scripts.gen_config import tokenizer_info
+    from neox_mlc.gen_config import tokenizer_info
 
     make_tokenizer(spm_model_dir, tmp_path / "tok")
     info = tokenizer_info(json.loads((tmp_path / "tok" / "tokenizer.json").read_text()))

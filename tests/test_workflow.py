@@ -8,12 +8,14 @@ import json
 import os
 import re
 import shutil
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import copy_workflow, run_snakemake
-from scripts.common import sha256_file
+from conftest import WORKFLOW_SOURCES, copy_workflow, run_snakemake
+from neox_mlc.common import sha256_file
 
 REAL = "japanese-large-lm-3.6b-instruction-sft"
 TINY = "tiny-neox-ja"
@@ -72,7 +74,7 @@ def tiny_build(tmp_path_factory):
 
 
 def test_hf_token_never_written_anywhere(tiny_build):
-    sources = {"Snakefile", "config.yaml", "rules", "scripts", "config", "data", "envs", "profiles", "report"}
+    sources = set(WORKFLOW_SOURCES)
     scanned = 0
     for path in tiny_build.rglob("*"):
         rel = path.relative_to(tiny_build)
@@ -152,7 +154,7 @@ def test_chat_runner_answers_from_the_tiny_bundle(tiny_build):
     import sys
 
     proc = subprocess.run(
-        [sys.executable, "scripts/chat.py", f"dist/{TINY}-q0f16", "--prompt", "日本の首都はどこですか?", "--max-tokens", "12"],
+        [str(Path(sys.executable).parent / "neox-mlc"), "chat", f"dist/{TINY}-q0f16", "--prompt", "日本の首都はどこですか?", "--max-tokens", "12"],
         cwd=tiny_build, capture_output=True, text=True,
     )
     assert proc.returncode == 0, proc.stderr
@@ -225,7 +227,7 @@ def test_lint_is_clean(wf):
 
 
 def test_compiler_change_reruns_libraries_and_bundles_only(tiny_build):
-    compiler = tiny_build / "scripts" / "cpu_schedule.py"
+    compiler = tiny_build / "neox_mlc" / "cpu_schedule.py"
     original = compiler.read_text()
     try:
         compiler.write_text(original + "\n# a change to the compiler\n")
@@ -270,7 +272,7 @@ def test_mlc_llm_backend_runs_the_real_cli_argv(wf, tmp_path):
         f"open({str(record)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n"
         "if sys.argv[1] == 'convert_weight':\n"
         f"    sys.path.insert(0, {str(wf)!r})\n"
-        "    from scripts.convert_weight import convert\n"
+        "    from neox_mlc.convert_weight import convert\n"
         "    a = sys.argv\n"
         "    convert(a[2], a[a.index('--quantization') + 1], a[a.index('-o') + 1])\n"
         "else:\n"

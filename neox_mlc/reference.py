@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from scripts.quantization import Quantization, dequantize, get_quantization
-from scripts.tensor_cache import load_numpy
+from neox_mlc.quantization import Quantization, dequantize, get_quantization
+from neox_mlc.tensor_cache import load_numpy
 
 
 def _undo_qkv(value: np.ndarray, heads: int) -> np.ndarray:
@@ -80,7 +80,7 @@ def hf_logits(model: Any, ids: list[int]) -> np.ndarray:
 
 def in_features_of(model_dir: str | Path) -> dict[str, int]:
     """K of every 2-D weight in a checkpoint, from its headers."""
-    from scripts.hf_checkpoint import TensorIndex
+    from neox_mlc.hf_checkpoint import TensorIndex
 
     index = TensorIndex(model_dir)
     k = {n: info.shape[1] for n, info in index.tensors.items() if len(info.shape) == 2}

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from scripts.common import WorkflowError, read_json
+from neox_mlc.common import WorkflowError, read_json
 
 SUPPORTED_ARCHITECTURES = ("GPTNeoXForCausalLM",)
 _SAFETENSORS_DTYPES = {"F16": "float16", "F32": "float32", "BF16": "bfloat16", "F64": "float64"}

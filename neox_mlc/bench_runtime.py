@@ -23,18 +23,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from scripts.benchtools import make_checkpoint, run_child, write_result
+from neox_mlc.benchtools import make_checkpoint, run_child, write_result
 
 QUANTS = ("q0f16", "q4f16_0", "q4f16_1")  # config.yaml's pair, and MLC's default 4-bit layout
 
 
 def prepare(model: Path, work: Path, quant: str, context: int) -> Path:
     """Convert + chat config for one quantization; returns the quant directory."""
-    from scripts.convert_weight import convert
-    from scripts.gen_config import load_templates, make_chat_config
+    from neox_mlc.convert_weight import convert
+    from neox_mlc.gen_config import load_templates, make_chat_config
 
     d = work / quant
     if not (d / "params" / "tensor-cache.json").is_file():
@@ -45,13 +43,13 @@ def prepare(model: Path, work: Path, quant: str, context: int) -> Path:
 
 
 def compile_child(cfg: Path, device: str, out: Path) -> dict[str, Any]:
-    return run_child(f"from scripts.compile import build\nbuild({str(cfg)!r}, {device!r}, {str(out)!r}, 'bench_')")
+    return run_child(f"from neox_mlc.compile import build\nbuild({str(cfg)!r}, {device!r}, {str(out)!r}, 'bench_')")
 
 
 def mlc_speed_child(lib: Path, params: Path, cfg: Path, prompt: int, decode: int, threads: int) -> dict[str, Any]:
     return run_child(
         f"import os, json\nos.environ['TVM_NUM_THREADS'] = '{threads}'\n"
-        "from scripts.runtime import ModelRuntime\nfrom scripts.evaluate import speed\n"
+        "from neox_mlc.runtime import ModelRuntime\nfrom neox_mlc.evaluate import speed\n"
         f"rt = ModelRuntime({str(lib)!r}, {str(params)!r}, {str(cfg)!r})\n"
         f"print(json.dumps(speed(rt, {prompt}, {decode})))"
     )

@@ -22,12 +22,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 
-from scripts.benchtools import GIB, make_checkpoint, run_child, write_result
+from neox_mlc.benchtools import GIB, make_checkpoint, run_child, write_result
 
 
 def bench(model: Path, work: Path) -> dict[str, Any]:
@@ -37,7 +35,7 @@ def bench(model: Path, work: Path) -> dict[str, Any]:
     for quant in ("q4f16_1", "q0f16"):
         out = work / quant
         r = run_child(
-            "import json, shutil, pathlib\nfrom scripts.convert_weight import convert\n"
+            "import json, shutil, pathlib\nfrom neox_mlc.convert_weight import convert\n"
             f"shutil.rmtree({str(out)!r}, ignore_errors=True)\nconvert({str(model)!r}, {quant!r}, {str(out)!r})\n"
             f"print(json.dumps({{'output_bytes': sum(p.stat().st_size for p in pathlib.Path({str(out)!r}).glob('*.bin'))}}))"
         )
@@ -46,7 +44,7 @@ def bench(model: Path, work: Path) -> dict[str, Any]:
     out_bytes = results["convert_q4f16_1"]["output_bytes"]
     # The floor and the peer read with plain file reads (one tensor at a time), not our mmap reader.
     read_tensor = (
-        "from scripts.hf_checkpoint import TensorIndex\n"
+        "from neox_mlc.hf_checkpoint import TensorIndex\n"
         "def read(info):\n    with open(info.file, 'rb') as fh:\n        fh.seek(info.offset); return fh.read(info.nbytes)\n"
     )
     results["floor_read_write"] = run_child(
@@ -65,7 +63,7 @@ def bench(model: Path, work: Path) -> dict[str, Any]:
         "print(json.dumps({'quantize_s': round(t, 3), 'f16_equivalent_MBps': round(b / t / 1e6, 1)}))"
     )
     conv = results["convert_q4f16_1"]
-    from scripts.hf_checkpoint import TensorIndex
+    from neox_mlc.hf_checkpoint import TensorIndex
 
     largest_tensor = max(i.nbytes for i in TensorIndex(model).tensors.values())
     results["targets"] = {
@@ -93,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         info = make_checkpoint(model, a.hidden, a.layers, a.vocab, a.shards)
     else:
         info = {"params": None, "bytes": sum(p.stat().st_size for p in model.glob("*.safetensors"))}
-    from scripts.hf_checkpoint import TensorIndex
+    from neox_mlc.hf_checkpoint import TensorIndex
 
     info["params"] = int(sum(np.prod(t.shape) for t in TensorIndex(model).tensors.values()))
     result = {"model": {"hidden": a.hidden, "layers": a.layers, "vocab": a.vocab, **info}, "cpu_count": os.cpu_count(), **bench(model, work)}

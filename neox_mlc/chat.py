@@ -15,12 +15,10 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 
-from scripts.common import WorkflowError, read_json, run_cli
+from neox_mlc.common import WorkflowError, read_json, run_cli
 
 
 def format_prompt(template: dict[str, Any], history: list[tuple[str, str]], user_message: str) -> str:
@@ -54,7 +52,7 @@ class Chat:
     def __init__(self, bundle: str | Path) -> None:
         from tokenizers import Tokenizer
 
-        from scripts.runtime import ModelRuntime
+        from neox_mlc.runtime import ModelRuntime
 
         bundle = Path(bundle)
         libs = sorted((bundle / "lib").glob("*-llvm.so")) + sorted((bundle / "lib").glob("*-cpu.so"))

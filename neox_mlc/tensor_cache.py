@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from scripts.common import WorkflowError, atomic_path, md5_file
+from neox_mlc.common import WorkflowError, atomic_path, md5_file
 
 ENCODE_FORMAT = "f32-to-bf16"
 DEFAULT_SHARD_CAP_MB = 32

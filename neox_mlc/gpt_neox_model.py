@@ -17,7 +17,7 @@ float16 overflow is why the original LINE conversion had to force it).
 Linear layers are MLC's ``NT_matmul``: they read each weight in its stored layout (never a per-call
 transpose), unpack quantized words inside the reduction (one read of 4-bit data per token), and
 accumulate in float32; ``decode`` takes ``[1, 1, hidden]`` as MLC's does, so its kernels are static
-GEMVs that TVM's dlight GPU rules and scripts/cpu_schedule.py recognise.
+GEMVs that TVM's dlight GPU rules and neox_mlc/cpu_schedule.py recognise.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from tvm.relax.frontend.nn import Tensor, op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
 from tvm.target import Target
 
-from scripts.quantization import Quantization
+from neox_mlc.quantization import Quantization
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from scripts.common import WorkflowError, read_json, usable_cpus
-from scripts.tensor_cache import verify_cache
+from neox_mlc.common import WorkflowError, read_json, usable_cpus
+from neox_mlc.tensor_cache import verify_cache
 
 PAGE_SIZE = 16
 

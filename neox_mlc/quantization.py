@@ -23,7 +23,7 @@ tests/test_conformance.py):
   Padding positions hold code 0 (not the zero-point), and do not take part in the group maximum.
 
 Float32 tensors are stored as bfloat16 in the shard (``format: f32-to-bf16``); that is the tensor
-cache's concern (scripts/tensor_cache.py), not this module's.
+cache's concern (neox_mlc/tensor_cache.py), not this module's.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from typing import Literal
 
 import numpy as np
 
-from scripts.common import WorkflowError
+from neox_mlc.common import WorkflowError
 
 
 @dataclass(frozen=True)

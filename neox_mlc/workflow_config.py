@@ -14,10 +14,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from scripts.common import WorkflowError
-from scripts.gen_config import validate_template
-from scripts.layout import TARGETS, snapshot_dir
-from scripts.quantization import QUANTIZATIONS
+from neox_mlc.common import WorkflowError
+from neox_mlc.gen_config import validate_template
+from neox_mlc.layout import TARGETS, snapshot_dir
+from neox_mlc.quantization import QUANTIZATIONS
 
 
 def model_max_positions(name: str, spec: dict[str, Any], root: Path) -> int | None:

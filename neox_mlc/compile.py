@@ -1,0 +1,302 @@
+"""``compile``: build the GPT-NeoX model library from ``mlc-chat-config.json`` with TVM Relax.
+
+Mirrors ``mlc_llm compile CHAT_CONFIG --device D -o LIB``. apache-tvm is pinned to 0.26.0 on
+purpose: MLC-LLM's current source (commit 79d603f) runs on 0.26 and breaks on 0.27's API moves, the
+reference fixtures were made with 0.26.0, and 0.27 drops the string target tags (its targets are JSON
+dicts). The ``iphone`` target is spelled out here as MLC defines it — Metal kernels for an A-series
+GPU, arm64 iOS host code — because no TVM release ships an ``iphone`` tag.
+
+Targets and outputs: ``llvm``/``cpu`` → host shared library (``.so``); ``iphone`` → ``.tar`` of arm64
+Mach-O objects plus Metal kernel source, with every symbol under ``--system-lib-prefix`` so Xcode can
+link several models into one app; ``metal`` → the same for arm64 macOS; ``cuda`` → ``.so`` (needs a
+CUDA toolkit at build time); ``vulkan`` is refused with the reason (the PyPI TVM has no SPIR-V backend).
+The library carries ``_metadata`` (JSON, same keys as MLC's) with the parameter list the runtime
+loads, in order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+from neox_mlc.common import WorkflowError, atomic_path, read_json, run_cli, run_mlc_llm
+from neox_mlc.layout import LIB_EXT, TARGETS
+from neox_mlc.quantization import get_quantization
+
+_APPLE_GPU = {"kind": "metal", "max_threads_per_block": 256, "max_shared_memory_per_block": 32768, "thread_warp_size": 1}
+HOSTS = {
+    "iphone": {"kind": "llvm", "mtriple": "arm64-apple-ios14.0", "mcpu": "apple-a14"},
+    "metal": {"kind": "llvm", "mtriple": "arm64-apple-macos11.0", "mcpu": "apple-m1"},
+}
+
+
+def default_host_cpu() -> str | None:
+    """``x86-64-v3`` (AVX2, FMA, F16C) when this x86-64 host has it, else LLVM's generic CPU.
+
+    Why: without F16C every float16 load is a libcall; on the tiny model the generic x86-64 build
+    ran float16 modes ~18x slower. v3 is the Haswell-era baseline, so a library built here runs on
+    any current x86 server, not only on this exact CPU.
+    """
+    import platform
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return None
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return None
+    return "x86-64-v3" if {"avx2", "fma", "f16c"} <= set(flags) else None
+
+
+def make_target(device: str, host_cpu: str | None = None) -> Any:
+    """The TVM target for a device name (see module docstring)."""
+    from tvm.target import Target
+
+    if device not in TARGETS:
+        raise WorkflowError(f"unknown device {device!r}; allowed: {', '.join(TARGETS)}")
+    if device in ("llvm", "cpu"):
+        cpu = host_cpu or default_host_cpu()
+        return Target({"kind": "llvm", "mcpu": cpu} if cpu else "llvm")
+    if device in HOSTS:
+        return Target(_APPLE_GPU, host=HOSTS[device])
+    if device == "cuda":
+        return Target({"kind": "cuda", "arch": "sm_90"}, host="llvm")
+    raise WorkflowError(f"device {device!r} cannot be built with this TVM: the PyPI apache-tvm 0.26 has no SPIR-V (Vulkan) codegen")
+
+
+def metadata(chat_config: dict[str, Any], params: list[tuple[str, Any]], memory_usage: dict[str, int]) -> dict[str, Any]:
+    """``_metadata`` content, key for key as MLC's model libraries carry it."""
+    mc = chat_config["model_config"]
+    return {
+        "model_type": chat_config["model_type"],
+        "quantization": chat_config["quantization"],
+        "context_window_size": chat_config["context_window_size"],
+        "sliding_window_size": chat_config["sliding_window_size"],
+        "attention_sink_size": chat_config["attention_sink_size"],
+        "prefill_chunk_size": chat_config["prefill_chunk_size"],
+        "tensor_parallel_shards": chat_config["tensor_parallel_shards"],
+        "pipeline_parallel_stages": chat_config["pipeline_parallel_stages"],
+        "disaggregation": False,
+        "kv_state_kind": "kv_cache",
+        "max_batch_size": mc.get("max_batch_size", 128),
+        "active_vocab_size": chat_config["active_vocab_size"],
+        "model_task": chat_config.get("model_task", "chat"),
+        "params": [
+            {"name": name, "shape": [int(d) for d in p.shape], "dtype": p.dtype, "preprocs": [], "pipeline_stages": [0]}
+            for name, p in params
+        ],
+        "kv_cache": {
+            "num_hidden_layers": mc["num_hidden_layers"],
+            "num_attention_heads": mc["num_attention_heads"],
+            "num_key_value_heads": mc["num_attention_heads"],
+            "head_dim": mc["head_dim"],
+        },
+        "memory_usage": memory_usage,
+    }
+
+
+def _memory_usage(mod: Any) -> dict[str, int]:
+    """Bytes each Relax function allocates for temporaries after memory planning (static sizes only)."""
+    from tvm import relax
+
+    usage: dict[str, int] = {}
+    for gv, func in mod.functions.items():
+        if not isinstance(func, relax.Function):
+            continue
+        total = 0
+
+        def visit(expr: Any) -> None:
+            nonlocal total
+            if isinstance(expr, relax.Call) and str(getattr(expr.op, "name", "")).endswith("alloc_storage"):
+                size = expr.args[0]
+                if isinstance(size, relax.ShapeExpr) and all(hasattr(v, "value") for v in size.values):
+                    total += int(size.values[0].value)
+
+        relax.analysis.post_order_visit(func, visit)
+        usage[gv.name_hint] = total
+    return dict(sorted(usage.items()))
+
+
+def pipeline(target: Any) -> Any:
+    """TVM's default Relax pipeline, with two changes.
+
+    * Host CPU: every kernel gets a schedule from neox_mlc/cpu_schedule.py (GEMV, tiled matmul,
+      parallel elementwise and reductions); TVM's CPU pipeline schedules nothing.
+    * Apple GPUs: dlight's Matmul rule is left out — in apache-tvm 0.26 ``gpu.Matmul`` tries Metal
+      simdgroup tensorization and crashes inside ``Tensorize`` for these kernels; GEMV/Reduction/
+      Fallback rules schedule them correctly (prefill runs the matmuls with the fallback schedule).
+    """
+    from tvm import relax
+    from tvm.s_tir import dlight as dl
+
+    if target.kind.name == "llvm":
+        from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+        from neox_mlc.cpu_schedule import host_rules
+
+        return _scheduled_pipeline(cpu, target, host_rules())
+    if target.kind.name == "metal":
+        from tvm.relax.backend.gpu_generic import pipeline as gpu
+
+        return _scheduled_pipeline(gpu, target, [dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()])
+    return relax.get_default_pipeline(target)
+
+
+def _scheduled_pipeline(backend: Any, target: Any, rules: list[Any]) -> Any:
+    """A TVM backend's own pass lists, with our dlight rules after fusion."""
+    import tvm
+    from tvm import relax
+    from tvm.s_tir import dlight as dl
+
+    legalize = [
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+        dl.ApplyDefaultSchedule(*rules),
+    ]
+    return tvm.transform.Sequential(
+        backend.library_dispatch_passes(target) + legalize + backend.dataflow_lower_passes(target) + backend.finalize_passes(target)
+    )
+
+
+def _bound_dynamic_shapes(mod: Any, cfg: dict[str, Any]) -> Any:
+    """Give TVM's memory planner upper bounds for the symbolic sizes, as MLC does.
+
+    With ``seq_len ≤ prefill_chunk_size`` and ``batch_size ≤ max_batch_size`` known, activations are
+    planned statically (allocated once, reused every call) instead of per call.
+    """
+    from tvm import relax
+
+    bounds = {
+        "seq_len": cfg["prefill_chunk_size"],
+        "batch_size": cfg["model_config"].get("max_batch_size", 128),
+        "vocab_size": cfg["vocab_size"],
+    }
+    for gv, func in list(mod.functions.items()):
+        if isinstance(func, relax.Function):
+            mod[gv] = func.with_attr("tir_var_upper_bound", bounds).with_attr("relax.memory_plan_dynamic_func_output", True)
+    return mod
+
+
+def _attach_metadata(mod: Any, meta: dict[str, Any]) -> Any:
+    from tvm import relax
+
+    bb = relax.BlockBuilder(mod)
+    with bb.function("_metadata", params=[]):
+        bb.emit_func_output(relax.StringImm(json.dumps(meta)))
+    return bb.finalize()
+
+
+def export_module(chat_config_path: str | Path, device: str, system_lib_prefix: str | None = None, host_cpu: str | None = None) -> tuple[Any, list[tuple[str, Any]], Any, dict[str, Any]]:
+    """The model as a Relax IRModule (entry points, KV-cache creation, shape bounds), not yet lowered."""
+    from neox_mlc.gpt_neox_model import GPTNeoXForCausalLM, NeoXConfig, add_kv_cache_creation
+
+    cfg = read_json(chat_config_path, "chat config")
+    if cfg.get("model_type") != "gpt_neox":
+        raise WorkflowError(f"model_type {cfg.get('model_type')!r} is not supported; supported: gpt_neox")
+    quant = get_quantization(cfg["quantization"])
+    target = make_target(device, host_cpu)
+    host = target.kind.name == "llvm"
+    model = GPTNeoXForCausalLM(NeoXConfig.from_chat_config(cfg, dequantize_rows=host), quant, target)
+    mod, params = model.export_tvm(spec=model.get_default_spec())
+    mod = add_kv_cache_creation(mod, model)
+    mod = _bound_dynamic_shapes(mod, cfg)
+    if device in HOSTS:
+        mod = mod.with_attr("system_lib_prefix", system_lib_prefix or "")
+    return mod, params, target, cfg
+
+
+def interface_of(chat_config_path: str | Path, device: str = "llvm") -> dict[str, Any]:
+    """Relax functions and their parameter names, as ``lib-interface.json`` lists them."""
+    from tvm import relax
+
+    mod, params, _, cfg = export_module(chat_config_path, device)
+    mod = _attach_metadata(mod, metadata(cfg, params, {}))
+    funcs = {gv.name_hint: f for gv, f in mod.functions.items() if isinstance(f, relax.Function)}
+    return {
+        "vm_functions": sorted(funcs),
+        "vm_function_params": {name: [str(p.name) for p in funcs[name].params] for name in sorted(funcs)},
+    }
+
+
+def build(chat_config_path: str | Path, device: str, output: str | Path, system_lib_prefix: str | None = None, host_cpu: str | None = None) -> dict[str, Any]:
+    """Compile and export the library atomically; returns the metadata embedded in it."""
+    import tvm
+
+    ext = Path(output).suffix.lstrip(".")
+    if device in LIB_EXT and ext != LIB_EXT[device]:
+        raise WorkflowError(f"output {output} for device {device} must end in .{LIB_EXT[device]}")
+    mod, params, target, cfg = export_module(chat_config_path, device, system_lib_prefix, host_cpu)
+    with target:
+        lowered = pipeline(target)(mod)
+    meta = metadata(cfg, params, _memory_usage(lowered))
+    lowered = _attach_metadata(lowered, meta)
+    executable = tvm.compile(lowered, target=target, relax_pipeline=None)
+    with atomic_path(output) as tmp:
+        staged = tmp.with_suffix("." + ext)
+        executable.export_library(str(staged))
+        if ext == "tar":
+            _normalize_tar(staged, tmp)
+            staged.unlink()
+        else:
+            staged.rename(tmp)
+    return meta
+
+
+def _normalize_tar(src: Path, dst: Path) -> None:
+    """Rewrite an archive with sorted members, zero mtimes and root ownership.
+
+    Why: TVM stamps the build time into the archive, so two builds of the same library would differ;
+    with this the bundle's sha256s (MANIFEST.json) are reproducible across machines and reruns.
+    """
+    import io
+    import tarfile
+
+    with tarfile.open(src) as tin:
+        members = sorted((m for m in tin.getmembers() if m.isfile()), key=lambda m: m.name)
+        blobs = [(m.name, tin.extractfile(m).read()) for m in members]
+    with tarfile.open(dst, "w", format=tarfile.USTAR_FORMAT) as tout:
+        for name, data in blobs:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode, info.uid, info.gid = len(data), 0, 0o644, 0, 0
+            info.uname = info.gname = "root"
+            tout.addfile(info, io.BytesIO(data))
+
+
+def mlc_llm_argv(chat_config: str, device: str, output: str, system_lib_prefix: str | None = None) -> list[str]:
+    """The real MLC-LLM CLI call, for users who have it (``backend: mlc_llm``)."""
+    argv = ["mlc_llm", "compile", str(chat_config), "--device", "cpu" if device == "llvm" else device, "-o", str(output)]
+    if system_lib_prefix:
+        argv += ["--system-lib-prefix", system_lib_prefix]
+    return argv
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model", help="path to mlc-chat-config.json")
+    ap.add_argument("--device", required=True, help=f"one of {', '.join(TARGETS)}")
+    ap.add_argument("-o", "--output", required=True, help="library file to write")
+    ap.add_argument("--system-lib-prefix", help="symbol prefix for static (iphone/metal) libraries")
+    ap.add_argument("--host-cpu", help="LLVM mcpu for the host library (default: x86-64-v3 where available)")
+    ap.add_argument("--backend", choices=["native", "mlc_llm"], default="native")
+    return ap.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    a = parse_args(argv)
+    if a.backend == "mlc_llm":
+        run_mlc_llm(mlc_llm_argv(a.model, a.device, a.output, a.system_lib_prefix))
+        return 0
+    build(a.model, a.device, a.output, a.system_lib_prefix, a.host_cpu)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,118 @@
+"""Fetch a Hugging Face snapshot at a pinned revision, or take a local checkpoint directory.
+
+Why: the workflow's first artifact must be reproducible and verifiable. ``snapshot_download`` is
+called with the configured revision and ``allow_patterns`` that prefer safetensors (PyTorch pickles
+are fetched only when a repo has no safetensors); a local path is checked for what later steps need
+(config.json, weights, a tokenizer) before any long work starts. Either way the result lands in
+``resources/models/<model>/`` with ``snapshot.json`` recording source, resolved revision and each
+file's size and sha256 — the provenance the bundle's MANIFEST quotes. Tokens (``HF_TOKEN``) are used
+by huggingface_hub from the environment and never written anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+from neox_mlc.common import WorkflowError, atomic_path, check_free_space, run_cli, sha256_file, write_json
+from neox_mlc.hf_checkpoint import load_arch
+
+CONFIG_PATTERNS = ["config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json", "spiece.model", "*.model", "vocab.*", "merges.txt", "added_tokens.json"]
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "sentencepiece.bpe.model")
+
+
+def check_checkpoint(model_dir: Path) -> None:
+    """Fail early, naming the directory, if config, weights or tokenizer are missing."""
+    if not (model_dir / "config.json").is_file():
+        raise WorkflowError(f"model directory {model_dir} has no config.json")
+    load_arch(model_dir)
+    if not any(model_dir.glob("*.safetensors")) and not any(model_dir.glob("pytorch_model*.bin")):
+        raise WorkflowError(f"model directory {model_dir} has no weights (*.safetensors or pytorch_model*.bin)")
+    if not any((model_dir / f).is_file() for f in TOKENIZER_FILES):
+        raise WorkflowError(f"model directory {model_dir} has no tokenizer (one of {', '.join(TOKENIZER_FILES)})")
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def allow_patterns(repo_files: list[str]) -> list[str]:
+    """Safetensors when the repo has them; PyTorch .bin shards only otherwise."""
+    weights = ["*.safetensors", "*.safetensors.index.json"]
+    if not any(f.endswith(".safetensors") for f in repo_files):
+        weights = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
+    return CONFIG_PATTERNS + weights
+
+
+def download(repo: str, revision: str, dest: Path) -> str:
+    """Download into ``dest``; returns the resolved commit sha."""
+    from huggingface_hub import HfApi, snapshot_download
+
+    import fnmatch
+
+    info = HfApi().model_info(repo, revision=revision, files_metadata=True)
+    siblings = info.siblings or []
+    patterns = allow_patterns([s.rfilename for s in siblings])
+    need = sum(s.size or 0 for s in siblings if any(fnmatch.fnmatch(s.rfilename, p) for p in patterns))
+    check_free_space(dest.parent, need, f"the {repo} snapshot")
+    snapshot_download(repo_id=repo, revision=info.sha, local_dir=dest, allow_patterns=patterns)
+    return str(info.sha)
+
+
+def fetch(out_dir: Path, repo: str | None, revision: str, local_path: Path | None) -> dict[str, Any]:
+    """Materialise the snapshot atomically and return its provenance record."""
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir(parents=True)
+        if local_path is not None:
+            check_checkpoint(local_path)
+            for item in sorted(local_path.iterdir()):
+                if item.is_file():
+                    _link_or_copy(item, tmp / item.name)
+            source, resolved = str(local_path), revision
+        else:
+            if not repo:
+                raise WorkflowError("model has neither hf_repo nor local_path")
+            resolved = download(repo, revision, tmp)
+            shutil.rmtree(tmp / ".cache", ignore_errors=True)
+            check_checkpoint(tmp)
+            source = f"hf://{repo}"
+        files = {
+            p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
+            for p in sorted(tmp.iterdir())
+            if p.is_file()
+        }
+        record = {"source": source, "revision": revision, "resolved_revision": resolved, "files": files}
+        write_json(tmp / "snapshot.json", record)
+    return record
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--hf-repo")
+    src.add_argument("--local-path")
+    ap.add_argument("--revision", default="main")
+    ap.add_argument("-o", "--output", required=True)
+    return ap.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    a = parse_args(argv)
+    local = Path(a.local_path) if a.local_path else None
+    if local is not None and not local.is_dir():
+        raise WorkflowError(f"local model path {local} is not a directory")
+    fetch(Path(a.output), a.hf_repo, a.revision, local)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

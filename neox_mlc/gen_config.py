@@ -1,0 +1,207 @@
+"""``gen_config``: write ``mlc-chat-config.json`` for a GPT-NeoX checkpoint, as MLC-LLM's verb does.
+
+Mirrors ``mlc_llm gen_config MODEL --quantization Q --conv-template T --context-window-size N -o OUT``.
+Every architecture field is read from the Hugging Face config (never hard-coded for one size); the
+conversation template comes from data (``conv_templates`` in config.yaml) and is expanded here into
+MLC's full ``conv_template`` object. ``add_bos`` has no field of its own in MLC's schema: it becomes
+``system_prefix_token_ids`` (``[bos]`` or ``null``). The output is JSON-equal to what MLC-LLM wrote
+for the reference fixtures (tests/test_conformance.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+import yaml
+
+from neox_mlc.common import REPO_ROOT, WorkflowError, read_json, run_cli, write_json
+from neox_mlc.hf_checkpoint import NeoXArch, load_arch
+from neox_mlc.quantization import QUANTIZATIONS, get_quantization
+
+CHAT_CONFIG_VERSION = "0.1.0"
+DEFAULT_MAX_BATCH_SIZE = 128
+MAX_PREFILL_CHUNK = 8192
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "vocab.json", "merges.txt", "added_tokens.json", "tokenizer_config.json")
+TEMPLATE_FIELDS = ("system_message", "roles", "role_content_sep", "role_empty_sep", "seps", "stop_str", "stop_token_ids", "add_bos")
+
+
+def load_templates(path: str | Path = REPO_ROOT / "config.yaml") -> dict[str, dict[str, Any]]:
+    """The conversation templates kept as data in the workflow config."""
+    data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    return data.get("conv_templates", {})
+
+
+def validate_template(name: str, tpl: dict[str, Any]) -> None:
+    """A template must define every field MLC's conversation needs."""
+    missing = [f for f in TEMPLATE_FIELDS if f not in tpl]
+    if missing:
+        raise WorkflowError(f"conversation template {name!r} is missing field(s) {missing}; required: {list(TEMPLATE_FIELDS)}")
+    roles = tpl["roles"]
+    if not isinstance(roles, dict) or set(roles) != {"user", "assistant"}:
+        raise WorkflowError(f"conversation template {name!r}: roles must map exactly 'user' and 'assistant', got {roles!r}")
+
+
+def conv_template(name: str, tpl: dict[str, Any], bos_token_id: int) -> dict[str, Any]:
+    """Expand template data into MLC's ``conv_template`` object."""
+    validate_template(name, tpl)
+    return {
+        "name": name,
+        "system_template": "{system_message}",
+        "system_message": tpl["system_message"],
+        "system_prefix_token_ids": [bos_token_id] if tpl["add_bos"] else None,
+        "add_role_after_system_message": True,
+        "roles": {"user": tpl["roles"]["user"], "assistant": tpl["roles"]["assistant"]},
+        "role_templates": {"user": "{user_message}", "assistant": "{assistant_message}", "tool": "{tool_message}"},
+        "messages": [],
+        "seps": list(tpl["seps"]),
+        "role_content_sep": tpl["role_content_sep"],
+        "role_empty_sep": tpl["role_empty_sep"],
+        "stop_str": list(tpl["stop_str"]),
+        "stop_token_ids": list(tpl["stop_token_ids"]),
+        "strip_reasoning_in_history": False,
+        "function_string": "",
+        "use_function_calling": False,
+    }
+
+
+def tokenizer_info(tokenizer_json: dict[str, Any] | None) -> dict[str, Any]:
+    """How the runtime must post-process tokens, detected from tokenizer.json like MLC does."""
+    info = {"token_postproc_method": "byte_fallback", "prepend_space_in_encode": False, "strip_space_in_decode": False}
+    if not tokenizer_json:
+        return info
+    text = json.dumps(tokenizer_json.get("decoder"))
+    if "ByteLevel" in text:
+        info["token_postproc_method"] = "byte_level"
+    normalizer = json.dumps(tokenizer_json.get("normalizer")) + json.dumps(tokenizer_json.get("pre_tokenizer"))
+    if '"Prepend"' in normalizer or ('"Metaspace"' in normalizer and '"prepend_scheme": "never"' not in normalizer):
+        info["prepend_space_in_encode"] = True
+    # SentencePiece's Metaspace decoder drops the space it prepended; so must the runtime.
+    if '"Strip"' in text or ('"Metaspace"' in text and '"prepend_scheme": "never"' not in text):
+        info["strip_space_in_decode"] = True
+    return info
+
+
+def check_context_window(n: int, arch: NeoXArch) -> None:
+    if not 0 < n <= arch.max_position_embeddings:
+        raise WorkflowError(
+            f"context window (max_seq_len) {n} is out of range; allowed: 1..{arch.max_position_embeddings} "
+            "(the model's max_position_embeddings)"
+        )
+
+
+def make_chat_config(
+    model_dir: str | Path,
+    quantization: str,
+    template_name: str,
+    template: dict[str, Any],
+    context_window_size: int,
+    tokenizer_dir: str | Path | None = None,
+    prefill_chunk_size: int | None = None,
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+) -> dict[str, Any]:
+    """Build the chat config dict (pure: reads files, writes nothing)."""
+    get_quantization(quantization)
+    arch, hf = load_arch(model_dir)
+    check_context_window(context_window_size, arch)
+    tok_dir = Path(tokenizer_dir or model_dir)
+    tok_path = tok_dir / "tokenizer.json"
+    if not tok_path.is_file():
+        raise WorkflowError(f"tokenizer.json not found in {tok_dir}; run the tokenizer step first")
+    tok = read_json(tok_path, "tokenizer.json")
+    from tokenizers import Tokenizer
+
+    active_vocab = Tokenizer.from_file(str(tok_path)).get_vocab_size(with_added_tokens=True)
+    prefill = prefill_chunk_size or min(context_window_size, MAX_PREFILL_CHUNK)
+    model_config = {
+        "use_parallel_residual": arch.use_parallel_residual,
+        "hidden_size": arch.hidden_size,
+        "intermediate_size": arch.intermediate_size,
+        "num_attention_heads": arch.num_attention_heads,
+        "num_hidden_layers": arch.num_hidden_layers,
+        "layer_norm_eps": arch.layer_norm_eps,
+        "vocab_size": arch.vocab_size,
+        "rotary_pct": arch.rotary_pct,
+        "position_embedding_base": int(arch.rotary_emb_base) if float(arch.rotary_emb_base).is_integer() else arch.rotary_emb_base,
+        "context_window_size": context_window_size,
+        "head_dim": arch.head_dim,
+        "prefill_chunk_size": prefill,
+        "tensor_parallel_shards": 1,
+        "ffn_out_dtype": "float32",
+        "max_batch_size": max_batch_size,
+    }
+    return {
+        "version": CHAT_CONFIG_VERSION,
+        "model_type": "gpt_neox",
+        "quantization": quantization,
+        "model_config": model_config,
+        "vocab_size": arch.vocab_size,
+        "context_window_size": context_window_size,
+        "sliding_window_size": -1,
+        "prefill_chunk_size": prefill,
+        "attention_sink_size": -1,
+        "tensor_parallel_shards": 1,
+        "pipeline_parallel_stages": 1,
+        "active_vocab_size": active_vocab,
+        "temperature": 1.0,
+        "presence_penalty": 0.0,
+        "frequency_penalty": 0.0,
+        "repetition_penalty": 1.0,
+        "top_p": 1.0,
+        "tokenizer_files": [f for f in TOKENIZER_FILES if (tok_dir / f).is_file()],
+        "tokenizer_info": tokenizer_info(tok),
+        "conv_template": conv_template(template_name, template, arch.bos_token_id),
+        "pad_token_id": hf.get("pad_token_id") if hf.get("pad_token_id") is not None else 0,
+        "bos_token_id": arch.bos_token_id,
+        "eos_token_id": arch.eos_token_id,
+        "model_task": "chat",
+        "embedding_metadata": None,
+    }
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("config", help="model directory holding config.json")
+    ap.add_argument("--quantization", required=True, help=f"one of {', '.join(QUANTIZATIONS)}")
+    ap.add_argument("--conv-template", required=True, help="template name (defined in config.yaml conv_templates)")
+    ap.add_argument("--conv-template-json", help="template definition as JSON (overrides the config.yaml lookup)")
+    ap.add_argument("--context-window-size", type=int, required=True)
+    ap.add_argument("--prefill-chunk-size", type=int)
+    ap.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE)
+    ap.add_argument("--tokenizer-dir", help="directory with tokenizer.json (default: the model directory)")
+    ap.add_argument("--skip-tokenizer-copy", action="store_true", help="write only mlc-chat-config.json")
+    ap.add_argument("-o", "--output", required=True, help="output directory")
+    return ap.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.conv_template_json:
+        template = json.loads(args.conv_template_json)
+    else:
+        templates = load_templates()
+        if args.conv_template not in templates:
+            raise WorkflowError(f"unknown conversation template {args.conv_template!r}; defined: {sorted(templates)}")
+        template = templates[args.conv_template]
+    cfg = make_chat_config(
+        args.config, args.quantization, args.conv_template, template, args.context_window_size,
+        args.tokenizer_dir, args.prefill_chunk_size, args.max_batch_size,
+    )
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.skip_tokenizer_copy:
+        tok_dir = Path(args.tokenizer_dir or args.config)
+        for name in cfg["tokenizer_files"]:
+            shutil.copyfile(tok_dir / name, out / name)
+    write_json(out / "mlc-chat-config.json", cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
