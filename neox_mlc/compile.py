@@ -196,7 +196,8 @@ def _attach_metadata(mod: Any, meta: dict[str, Any]) -> Any:
 
 def export_module(chat_config_path: str | Path, device: str, system_lib_prefix: str | None = None, host_cpu: str | None = None) -> tuple[Any, list[tuple[str, Any]], Any, dict[str, Any]]:
     """The model as a Relax IRModule (entry points, KV-cache creation, shape bounds), not yet lowered."""
-    from neox_mlc.gpt_neox_model import GPTNeoXForCausalLM, NeoXConfig, add_kv_cache_creation
+    from neox_mlc.gpt_neox_model import GPTNeoXForCausalLM, add_kv_cache_creation
+    from neox_mlc.neox_config import NeoXConfig
 
     cfg = read_json(chat_config_path, "chat config")
     if cfg.get("model_type") != "gpt_neox":

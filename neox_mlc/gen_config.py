@@ -23,10 +23,10 @@ import yaml
 
 from neox_mlc.common import REPO_ROOT, WorkflowError, read_json, run_cli, write_json
 from neox_mlc.hf_checkpoint import NeoXArch, load_arch
+from neox_mlc.neox_config import DEFAULT_MAX_BATCH_SIZE
 from neox_mlc.quantization import QUANTIZATIONS, get_quantization
 
 CHAT_CONFIG_VERSION = "0.1.0"
-DEFAULT_MAX_BATCH_SIZE = 128
 MAX_PREFILL_CHUNK = 8192
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "vocab.json", "merges.txt", "added_tokens.json", "tokenizer_config.json")
 TEMPLATE_FIELDS = ("system_message", "roles", "role_content_sep", "role_empty_sep", "seps", "stop_str", "stop_token_ids", "add_bos")
@@ -119,23 +119,7 @@ def make_chat_config(
 
     active_vocab = Tokenizer.from_file(str(tok_path)).get_vocab_size(with_added_tokens=True)
     prefill = prefill_chunk_size or min(context_window_size, MAX_PREFILL_CHUNK)
-    model_config = {
-        "use_parallel_residual": arch.use_parallel_residual,
-        "hidden_size": arch.hidden_size,
-        "intermediate_size": arch.intermediate_size,
-        "num_attention_heads": arch.num_attention_heads,
-        "num_hidden_layers": arch.num_hidden_layers,
-        "layer_norm_eps": arch.layer_norm_eps,
-        "vocab_size": arch.vocab_size,
-        "rotary_pct": arch.rotary_pct,
-        "position_embedding_base": int(arch.rotary_emb_base) if float(arch.rotary_emb_base).is_integer() else arch.rotary_emb_base,
-        "context_window_size": context_window_size,
-        "head_dim": arch.head_dim,
-        "prefill_chunk_size": prefill,
-        "tensor_parallel_shards": 1,
-        "ffn_out_dtype": "float32",
-        "max_batch_size": max_batch_size,
-    }
+    model_config = arch.model_config(context_window_size, prefill, max_batch_size).to_dict()
     return {
         "version": CHAT_CONFIG_VERSION,
         "model_type": "gpt_neox",

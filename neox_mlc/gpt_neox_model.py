@@ -22,7 +22,6 @@ GEMVs that TVM's dlight GPU rules and neox_mlc/cpu_schedule.py recognise.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from tvm import te, tirx
@@ -31,51 +30,8 @@ from tvm.relax.frontend.nn import Tensor, op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
 from tvm.target import Target
 
+from neox_mlc.neox_config import NeoXConfig
 from neox_mlc.quantization import Quantization
-
-
-@dataclass(frozen=True)
-class NeoXConfig:
-    """``model_config`` of an mlc-chat-config.json, plus the context it is compiled for."""
-
-    hidden_size: int
-    intermediate_size: int
-    num_attention_heads: int
-    num_hidden_layers: int
-    layer_norm_eps: float
-    vocab_size: int
-    rotary_pct: float
-    position_embedding_base: float
-    context_window_size: int
-    prefill_chunk_size: int
-    use_parallel_residual: bool
-    ffn_out_dtype: str
-    max_batch_size: int
-    dequantize_rows: bool = False  # host CPU: unpack quantized weights once per multi-token call
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
-    @classmethod
-    def from_chat_config(cls, cfg: dict[str, Any], dequantize_rows: bool = False) -> "NeoXConfig":
-        mc = cfg["model_config"]
-        return cls(
-            hidden_size=mc["hidden_size"],
-            intermediate_size=mc["intermediate_size"],
-            num_attention_heads=mc["num_attention_heads"],
-            num_hidden_layers=mc["num_hidden_layers"],
-            layer_norm_eps=mc["layer_norm_eps"],
-            vocab_size=mc["vocab_size"],
-            rotary_pct=mc["rotary_pct"],
-            position_embedding_base=mc["position_embedding_base"],
-            context_window_size=cfg["context_window_size"],
-            prefill_chunk_size=cfg["prefill_chunk_size"],
-            use_parallel_residual=mc["use_parallel_residual"],
-            ffn_out_dtype=mc.get("ffn_out_dtype", "float32"),
-            max_batch_size=mc.get("max_batch_size", 128),
-            dequantize_rows=dequantize_rows,
-        )
 
 
 def _weight_element(quant: Quantization, qw: te.Tensor, qs: te.Tensor, i: Any, j: Any, transposed: bool) -> tirx.PrimExpr:
@@ -168,7 +124,8 @@ class QLinear(nn.Module):
         self.dequantize_rows = dequantize_rows
         kp = quant.padded_k(in_features)
         words, groups = kp // quant.elems_per_word, kp // quant.group_size
-        if quant.transposed:
+        self.transposed = quant.layout_transposed(embedding=False)
+        if self.transposed:
             self.q_weight = nn.Parameter((words, out_features), "uint32")
             self.q_scale = nn.Parameter((groups, out_features), quant.model_dtype)
         else:
@@ -179,12 +136,12 @@ class QLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         n, k, quant = self.out_features, self.in_features, self.quant
         if self.dequantize_rows and not _one_token_per_sequence(x):
-            w = _dequantize(self.q_weight, self.q_scale, quant, k, quant.transposed, "float32")
+            w = _dequantize(self.q_weight, self.q_scale, quant, k, self.transposed, "float32")
             y = _nt_matmul(x, [w], _as_stored, n, k, "NT_matmul")
         else:
 
             def element(ws: list[te.Tensor], i: Any, j: Any) -> tirx.PrimExpr:
-                return _weight_element(quant, ws[0], ws[1], i, j, quant.transposed)
+                return _weight_element(quant, ws[0], ws[1], i, j, self.transposed)
 
             y = _nt_matmul(x, [self.q_weight, self.q_scale], element, n, k, "dequantize_NT_matmul")
         return _finish(y, self.out_dtype, self.bias)
@@ -202,7 +159,7 @@ class QEmbedding(nn.Module):
     def forward(self, ids: Tensor) -> Tensor:
         rows_w = op.take(self.q_weight, ids, axis=0)
         rows_s = op.take(self.q_scale, ids, axis=0)
-        return _dequantize(rows_w, rows_s, self.quant, self.dim, False, self.quant.model_dtype)
+        return _dequantize(rows_w, rows_s, self.quant, self.dim, self.quant.layout_transposed(embedding=True), self.quant.model_dtype)
 
 
 def _linear(cfg: NeoXConfig, quant: Quantization, k: int, n: int, bias: bool = True, out_dtype: str | None = None) -> nn.Module:

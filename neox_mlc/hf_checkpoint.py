@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from neox_mlc.common import WorkflowError, read_json
+from neox_mlc.neox_config import NeoXConfig
 
 SUPPORTED_ARCHITECTURES = ("GPTNeoXForCausalLM",)
 _SAFETENSORS_DTYPES = {"F16": "float16", "F32": "float32", "BF16": "bfloat16", "F64": "float64"}
@@ -49,6 +50,25 @@ class NeoXArch:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    def model_config(self, context_window_size: int, prefill_chunk_size: int, max_batch_size: int) -> NeoXConfig:
+        """MLC's ``model_config`` for this checkpoint: the one mapping from HF names to MLC's."""
+        base = self.rotary_emb_base
+        return NeoXConfig(
+            use_parallel_residual=self.use_parallel_residual,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_attention_heads=self.num_attention_heads,
+            num_hidden_layers=self.num_hidden_layers,
+            layer_norm_eps=self.layer_norm_eps,
+            vocab_size=self.vocab_size,
+            rotary_pct=self.rotary_pct,
+            position_embedding_base=int(base) if float(base).is_integer() else base,
+            context_window_size=context_window_size,
+            head_dim=self.head_dim,
+            prefill_chunk_size=prefill_chunk_size,
+            max_batch_size=max_batch_size,
+        )
 
 
 def _get(cfg: dict[str, Any], *keys: str, default: Any = None) -> Any:

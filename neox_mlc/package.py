@@ -166,8 +166,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     b.add_argument("--mlc-app-config", required=True)
     b.add_argument("--snapshot", required=True)
     b.add_argument("--model", required=True)
-    b.add_argument("--quantization", required=True)
-    b.add_argument("--max-seq-len", type=int, required=True)
     b.add_argument("--target", action="append", default=[])
     b.add_argument("-o", "--output", required=True)
     return ap.parse_args(argv)
@@ -182,7 +180,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_json(a.seed_out, seed)
         write_json(a.mlc_out, mlc)
         return 0
-    provenance = {"model": a.model, "quantization": a.quantization, "max_seq_len": a.max_seq_len, "targets": a.target}
+    # quantization and context window as the chat config fixed them (one route per fact)
+    cfg = read_json(a.chat_config, "chat config")
+    provenance = {"model": a.model, "quantization": cfg["quantization"], "max_seq_len": cfg["context_window_size"], "targets": a.target}
     make_bundle(
         Path(a.output), a.model_id, Path(a.params), Path(a.chat_config), Path(a.tokenizer),
         [Path(p) for p in a.lib], Path(a.app_config), Path(a.mlc_app_config), Path(a.snapshot), provenance,

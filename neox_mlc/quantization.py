@@ -67,7 +67,12 @@ class Quantization:
         name: inferring it from shapes breaks when a pair's ``q_scale`` is converted before its
         ``q_weight``, and a tied output head has ``embed_in`` as its source but is a linear layer.
         """
-        return self.transposed and "embed_in" not in name
+        return self.layout_transposed(embedding="embed_in" in name)
+
+    def layout_transposed(self, embedding: bool) -> bool:
+        """The layout rule itself, for the model that declares the parameters: ``_0`` stores linear
+        layers ``[K/.., N]``; an embedding is gathered by rows, so it keeps the ``_1`` layout."""
+        return self.transposed and not embedding
 
 
 QUANTIZATIONS: dict[str, Quantization] = {

@@ -57,13 +57,11 @@ rule package:
         tokenizer_dir=lambda w: layout.tokenizer_dir(w.model),
         libs=lambda w, input: " ".join(f"--lib {p}" for p in input.libs),
         targets=" ".join(f"--target {t}" for t in TARGETS_BUILT),
-        max_seq_len=config["max_seq_len"],
     shell:
         "python scripts/package.py bundle --model-id {params.model_id} --params {params.params_dir}"
         " --chat-config {input.chat_config} --tokenizer {params.tokenizer_dir} {params.libs}"
         " --app-config {input.seed} --mlc-app-config {input.mlc} --snapshot {input.snapshot}"
-        " --model {wildcards.model} --quantization {wildcards.quant}"
-        " --max-seq-len {params.max_seq_len} {params.targets} -o {output.bundle} > {log} 2>&1"
+        " --model {wildcards.model} {params.targets} -o {output.bundle} > {log} 2>&1"
 
 
 rule unknown_bundle:
