@@ -43,7 +43,6 @@ from neox_mlc.hf_checkpoint import NeoXArch, TensorIndex, load_arch
 from neox_mlc.quantization import QUANTIZATIONS, Quantization, get_quantization, quantize_fast
 from neox_mlc.tensor_cache import DEFAULT_SHARD_CAP_MB, ShardPlan, encode, plan_shards, verify_cache, write_index, write_shard
 
-FFN_OUT_DTYPE = "float32"  # MLC's GPT-NeoX keeps the MLP biases in float32 (ffn_out_dtype)
 _ROW_BLOCK_ELEMS = 1 << 20  # ~1 M elements per block: temporaries stay in cache, memory stays bounded
 _POOL = ThreadPoolExecutor(max_workers=min(4, usable_cpus()))
 
@@ -60,64 +59,67 @@ class ParamSpec:
     source_numel: int  # counted once per source tensor for BitsPerParam (0 on the q_scale entry)
 
 
-def layer_tensor_names(arch: NeoXArch) -> list[str]:
-    """Every HF tensor MLC's GPT-NeoX needs (buffers such as ``attention.bias`` are not weights)."""
-    names = ["gpt_neox.embed_in.weight", "gpt_neox.final_layer_norm.weight", "gpt_neox.final_layer_norm.bias"]
-    if not arch.tie_word_embeddings:
-        names.append("embed_out.weight")
-    for i in range(arch.num_hidden_layers):
-        p = f"gpt_neox.layers.{i}."
-        for sub in (
-            "input_layernorm",
-            "post_attention_layernorm",
-            "attention.query_key_value",
-            "attention.dense",
-            "mlp.dense_h_to_4h",
-            "mlp.dense_4h_to_h",
-        ):
-            names += [p + sub + ".weight", p + sub + ".bias"]
-    return names
+def declared_params(arch: NeoXArch, quant: Quantization) -> dict[str, tuple[tuple[int, ...], str]]:
+    """MLC name -> (shape, dtype) of every parameter the model library declares for this checkpoint.
+
+    Why from the model: the library reads exactly these parameters, so the conversion plan is
+    derived from them (as MLC's loader is from its model) instead of from a second hand-kept list.
+    """
+    from tvm.target import Target
+
+    from neox_mlc.gpt_neox_model import GPTNeoXForCausalLM
+
+    cfg = arch.model_config(arch.max_position_embeddings, arch.max_position_embeddings, 1)
+    model = GPTNeoXForCausalLM(cfg, quant, Target("llvm"))
+    return {name: (tuple(int(d) for d in p.shape), str(p.dtype)) for name, p in model.named_parameters()}
 
 
-def _is_quantized_weight(name: str, shape: tuple[int, ...]) -> bool:
-    return name.endswith(".weight") and len(shape) == 2
+def _encoded(name: str) -> tuple[str, str]:
+    """The weight an MLC parameter encodes (its unquantized name) and which part it is of it."""
+    for part in ("q_weight", "q_scale"):
+        if name.endswith("." + part):
+            return name.removesuffix("." + part) + ".weight", part
+    return name, "full"
 
 
-def _dtype_for(name: str, quant: Quantization) -> str:
-    if name.endswith(("mlp.dense_h_to_4h.bias", "mlp.dense_4h_to_h.bias")):
-        return FFN_OUT_DTYPE
-    return quant.model_dtype
+def _source(weight: str, arch: NeoXArch) -> str:
+    """The HF tensor a weight is read from: a tied checkpoint's output head is its embedding
+    (MLC's GPT-NeoX always has a head of its own)."""
+    if weight == "embed_out.weight" and arch.tie_word_embeddings:
+        return "gpt_neox.embed_in.weight"
+    return weight
 
 
 def plan_params(arch: NeoXArch, index: TensorIndex, quant: Quantization) -> list[ParamSpec]:
-    """List MLC parameters in MLC's order, from tensor headers only."""
-    needed = layer_tensor_names(arch)
-    missing = [n for n in needed if n not in index]
+    """The model's parameters, each with its source tensor, in MLC's order (source file, then name).
+
+    Each source tensor's shape must be the one the model declares for this config.json (for a
+    quantized pair: the unquantized model's weight), checked from the headers alone.
+    """
+    declared = declared_params(arch, quant)
+    logical = declared if quant.kind != "group-quant" else declared_params(arch, get_quantization("q0f32"))
+    parts: dict[str, list[str]] = {}  # weight -> the MLC parameters encoding it, in declaration order
+    for name in declared:
+        parts.setdefault(_encoded(name)[0], []).append(name)
+    missing = sorted({_source(w, arch) for w in parts} - set(index.tensors))
     if missing:
         files = ", ".join(p.name for p in index.files)
         raise WorkflowError(f"checkpoint is missing tensor {missing[0]} ({len(missing)} missing) in {files}")
-    wanted = set(needed)
     ordered: list[str] = []
     for path in index.files:
-        ordered += sorted(n for n, info in index.tensors.items() if info.file == path and n in wanted)
-    sources = [(src, src) for src in ordered]  # (HF name of the destination, source tensor)
-    if arch.tie_word_embeddings:
-        # MLC's GPT-NeoX always has its own output head: a tied checkpoint's head is its embedding
-        sources.append(("embed_out.weight", "gpt_neox.embed_in.weight"))
+        ordered += sorted(n for n, info in index.tensors.items() if info.file == path and n in parts)
+    ordered += [w for w in parts if w not in ordered]  # a tied head, read from the embedding
     specs: list[ParamSpec] = []
-    for dest, src in sources:
-        shape = index.tensors[src].shape
-        numel = int(np.prod(shape))
-        base = dest.removesuffix(".weight")
-        if quant.kind == "group-quant" and _is_quantized_weight(src, shape):
-            rows, k = shape
-            words, groups = quant.padded_k(k) // quant.elems_per_word, quant.padded_k(k) // quant.group_size
-            transpose = quant.stores_transposed(base)
-            wshape, sshape = ([words, rows], [groups, rows]) if transpose else ([rows, words], [rows, groups])
-            specs.append(ParamSpec(base + ".q_weight", wshape, "uint32", src, "q_weight", numel))
-            specs.append(ParamSpec(base + ".q_scale", sshape, quant.model_dtype, src, "q_scale", 0))
-        else:
-            specs.append(ParamSpec(dest, list(shape), _dtype_for(src, quant), src, "full", numel))
+    for weight in ordered:
+        src = _source(weight, arch)
+        found = tuple(index.tensors[src].shape)
+        if found != logical[weight][0]:
+            raise WorkflowError(f"tensor {src} has shape {list(found)}, but config.json implies {list(logical[weight][0])}")
+        numel = int(np.prod(found))
+        for name in parts[weight]:
+            shape, dtype = declared[name]
+            part = _encoded(name)[1]
+            specs.append(ParamSpec(name, list(shape), dtype, src, part, 0 if part == "q_scale" else numel))
     return specs
 
 

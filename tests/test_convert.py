@@ -182,3 +182,17 @@ def test_mlc_llm_backend_argv():
     assert mlc_llm_argv("resources/models/m", "q4f16_1", "build/m/q4f16_1/params") == [
         "mlc_llm", "convert_weight", "resources/models/m", "--quantization", "q4f16_1", "--device", "cpu", "-o", "build/m/q4f16_1/params",
     ]
+
+
+@pytest.mark.parametrize("quant", ["q0f16", "q4f16_1"])
+def test_tensor_shapes_must_be_what_config_json_implies(fixtures_dir, tmp_path, quant):
+    """The plan is derived from the parameters the model library declares for config.json, so a
+    checkpoint whose tensors disagree with its config stops before any output (it used to convert
+    into a bundle whose library failed at run time)."""
+    model = tmp_path / "model"
+    shutil.copytree(fixtures_dir / "model", model)
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["intermediate_size"] *= 2
+    (model / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(WorkflowError, match=r"^tensor gpt_neox\.layers\.0\.mlp\.dense_4h_to_h\.weight has shape \[\d+, \d+\], but config\.json implies \[\d+, \d+\]$"):
+        build_plan(model, quant)

@@ -101,9 +101,7 @@ def test_q0f32_conversion_is_exact_before_storage(w):
     The tensor cache then stores float32 as bfloat16 (MLC's ``f32-to-bf16``): that rounding is the
     format's, bounded by half a bfloat16 ulp, and checked separately below.
     """
-    from neox_mlc.convert_weight import _dtype_for
-
-    out = w.astype(_dtype_for("gpt_neox.layers.0.attention.dense.weight", QUANTIZATIONS["q0f32"]))
+    out = w.astype(QUANTIZATIONS["q0f32"].model_dtype)
     assert out.dtype == np.float32 and np.array_equal(out.astype(np.float16), w)
 
 
