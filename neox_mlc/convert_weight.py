@@ -44,7 +44,6 @@ from neox_mlc.quantization import QUANTIZATIONS, Quantization, get_quantization,
 from neox_mlc.tensor_cache import DEFAULT_SHARD_CAP_MB, ShardPlan, encode, plan_shards, verify_cache, write_index, write_shard
 
 _ROW_BLOCK_ELEMS = 1 << 20  # ~1 M elements per block: temporaries stay in cache, memory stays bounded
-_POOL = ThreadPoolExecutor(max_workers=min(4, usable_cpus()))
 
 
 @dataclass(frozen=True)
@@ -156,8 +155,13 @@ def _reorder_qkv(value: np.ndarray, heads: int) -> np.ndarray:
     return value.reshape(heads, 3, rows // (3 * heads), *rest).swapaxes(0, 1).reshape(value.shape)
 
 
-def _quantize_blocked(weight: np.ndarray, quant: Quantization) -> tuple[np.ndarray, np.ndarray]:
-    """Quantize row blocks on a small thread pool (numpy and torch release the GIL in these loops).
+def default_threads() -> int:
+    """Up to 4 quantizer threads, never more than the CPUs this process may use."""
+    return min(4, usable_cpus())
+
+
+def _quantize_blocked(weight: np.ndarray, quant: Quantization, pool: ThreadPoolExecutor) -> tuple[np.ndarray, np.ndarray]:
+    """Quantize row blocks on the converter's thread pool (numpy and torch release the GIL in these loops).
 
     Each block runs single-threaded inside (torch's own intra-op threads would oversubscribe the
     pool), so the pool's width is the parallelism.
@@ -165,7 +169,7 @@ def _quantize_blocked(weight: np.ndarray, quant: Quantization) -> tuple[np.ndarr
     _single_threaded_torch()
     rows, k = weight.shape
     step = max(1, _ROW_BLOCK_ELEMS // max(k, 1))
-    parts = list(_POOL.map(lambda i: quantize_fast(weight[i : i + step], quant), range(0, rows, step)))
+    parts = list(pool.map(lambda i: quantize_fast(weight[i : i + step], quant), range(0, rows, step)))
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
@@ -181,7 +185,10 @@ def _single_threaded_torch() -> None:
 class _Converter:
     """Turns source tensors into MLC tensors, caching a quantized pair between its two records."""
 
-    def __init__(self, plan: dict[str, Any], index: TensorIndex) -> None:
+    def __init__(self, plan: dict[str, Any], index: TensorIndex, threads: int | None = None) -> None:
+        if threads is not None and threads < 1:
+            raise WorkflowError(f"threads {threads} is out of range; allowed: 1 or more")
+        self.pool = ThreadPoolExecutor(max_workers=threads or default_threads())
         self.quant = get_quantization(plan["quantization"])
         self.heads = plan["num_attention_heads"]
         self.index = index
@@ -195,7 +202,7 @@ class _Converter:
         base = name.rsplit(".", 1)[0]  # the pair's MLC name: a tied head shares its source with embed_in
         if self._pair is None or self._pair[0] != base:
             weight = self._source(spec.source).astype(self.quant.model_dtype, copy=False)
-            q_weight, q_scale = _quantize_blocked(weight, self.quant)
+            q_weight, q_scale = _quantize_blocked(weight, self.quant, self.pool)
             if self.quant.stores_transposed(base):
                 q_weight, q_scale = q_weight.T, q_scale.T
             self._pair = (base, q_weight, q_scale)
@@ -227,14 +234,16 @@ def _shard_target(plan: dict[str, Any], shard_id: int, out_dir: str | Path) -> t
     return Path(out_dir) / shard["dataPath"], sum(r["nbytes"] for r in shard["records"])
 
 
-def convert_shard(plan: dict[str, Any], shard_id: int, out_dir: str | Path, index: TensorIndex | None = None) -> str:
+def convert_shard(
+    plan: dict[str, Any], shard_id: int, out_dir: str | Path, index: TensorIndex | None = None, threads: int | None = None
+) -> str:
     """Write ``params_shard_<shard_id>.bin`` of ``plan`` into ``out_dir``; return its md5."""
     path, expected = _shard_target(plan, shard_id, out_dir)
     if plan.get("external"):
         _copy_external(plan, path.name, out_dir)
         return md5_file(path)
     check_free_space(out_dir, expected, f"shard {shard_id}")
-    chunks = encode_shard(plan, shard_id, _Converter(plan, index or TensorIndex(plan["model_dir"])))
+    chunks = encode_shard(plan, shard_id, _Converter(plan, index or TensorIndex(plan["model_dir"]), threads))
     return write_shard(path, chunks, expected)
 
 
@@ -256,9 +265,9 @@ def write_plan_index(plan: dict[str, Any], out_dir: str | Path, md5s: dict[str, 
     write_index(out_dir, _shard_plans(plan), plan["metadata"], md5s)
 
 
-def _convert_pipelined(plan: dict[str, Any], out_dir: Path, index: TensorIndex) -> dict[str, str]:
+def _convert_pipelined(plan: dict[str, Any], out_dir: Path, index: TensorIndex, threads: int | None) -> dict[str, str]:
     """Compute shard i+1 while shard i is written and hashed: at most two shards in memory."""
-    conv = _Converter(plan, index)
+    conv = _Converter(plan, index, threads)
     md5s: dict[str, str] = {}
 
     def finish(name: str, written: Any, sources: list[str]) -> None:
@@ -279,14 +288,16 @@ def _convert_pipelined(plan: dict[str, Any], out_dir: Path, index: TensorIndex) 
     return md5s
 
 
-def convert(model_dir: str | Path, quant_name: str, out_dir: str | Path, shard_cap_mb: int = DEFAULT_SHARD_CAP_MB) -> dict[str, Any]:
+def convert(
+    model_dir: str | Path, quant_name: str, out_dir: str | Path, shard_cap_mb: int = DEFAULT_SHARD_CAP_MB, threads: int | None = None
+) -> dict[str, Any]:
     """The whole conversion in one process, published atomically into ``out_dir``."""
     index = TensorIndex(model_dir)
     plan = build_plan(model_dir, quant_name, shard_cap_mb, index)
     check_free_space(Path(out_dir).parent, planned_bytes(plan), f"{quant_name} params")
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
-        md5s = _convert_pipelined(plan, tmp, index)
+        md5s = _convert_pipelined(plan, tmp, index, threads)
         write_plan_index(plan, tmp, md5s)
     return plan
 
@@ -330,6 +341,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("-o", "--output", required=True, help="output params directory")
     ap.add_argument("--device", default="cpu", help="accepted for mlc_llm compatibility; conversion runs on CPU")
     ap.add_argument("--shard-cap-mb", type=int, default=DEFAULT_SHARD_CAP_MB)
+    ap.add_argument("--threads", type=int, help="quantizer threads (default: up to 4, within the usable CPUs)")
     step = ap.add_mutually_exclusive_group()
     step.add_argument("--plan-only", metavar="PLAN", help="only write the conversion plan JSON")
     step.add_argument("--shard", type=int, metavar="N", help="only write shard N (needs --plan)")
@@ -358,9 +370,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.index:
             write_plan_index(plan, args.output)
         else:
-            convert_shard(plan, args.shard, args.output)
+            convert_shard(plan, args.shard, args.output, threads=args.threads)
         return 0
-    plan = convert(args.config, args.quantization, args.output, args.shard_cap_mb)
+    plan = convert(args.config, args.quantization, args.output, args.shard_cap_mb, args.threads)
     print(f"wrote {len(plan['shards'])} shard(s), {len(plan['params'])} tensors to {args.output}")
     return 0
 

@@ -68,13 +68,14 @@ def make_model(
     rotary_pct: float,
     seed: int,
     train_steps: int = 0,
+    threads: int | None = None,
 ) -> None:
-    """Write the whole checkpoint directory atomically."""
+    """Write the whole checkpoint directory atomically (``threads``: torch's, default up to 2)."""
     import torch
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     torch.manual_seed(seed)
-    torch.set_num_threads(min(2, usable_cpus()))
+    torch.set_num_threads(threads or min(2, usable_cpus()))
     with atomic_path(out) as tmp:
         tmp.mkdir(parents=True)
         reached = train_tokenizer(corpus, vocab_size, tmp)
@@ -117,17 +118,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--rotary-pct", type=float, default=0.25)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--train-steps", type=int, default=0)
+    ap.add_argument("--threads", type=int, help="torch threads (default: up to 2, within the usable CPUs)")
     return ap.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     a = parse_args(argv)
+    if a.threads is not None and a.threads < 1:
+        raise WorkflowError(f"--threads {a.threads} is out of range; allowed: 1 or more")
     corpus = Path(a.corpus)
     if not corpus.is_file():
         raise WorkflowError(f"tokenizer corpus not found: {corpus}")
     make_model(
         Path(a.output), corpus, a.hidden_size, a.num_layers, a.num_heads, a.intermediate_size,
-        a.vocab_size, a.max_position_embeddings, a.rotary_pct, a.seed, a.train_steps,
+        a.vocab_size, a.max_position_embeddings, a.rotary_pct, a.seed, a.train_steps, a.threads,
     )
     return 0
 

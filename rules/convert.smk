@@ -37,6 +37,7 @@ rule convert_shard:
         "benchmarks/{model}/{quant}/convert_shard_{shard}.tsv"
     conda:
         "../envs/tvm.yaml"
+    threads: 2
     resources:
         mem_mb=per_attempt(3000),
         runtime=per_attempt(30),
@@ -45,7 +46,7 @@ rule convert_shard:
         out=lambda w: layout.params_dir(w.model, w.quant),
     shell:
         "python scripts/convert_weight.py {params.model_dir} --quantization {wildcards.quant}"
-        " --plan {input.plan} --shard {wildcards.shard} -o {params.out} > {log} 2>&1"
+        " --plan {input.plan} --shard {wildcards.shard} --threads {threads} -o {params.out} > {log} 2>&1"
 
 
 rule weights_index:
@@ -55,6 +56,7 @@ rule weights_index:
         shards=shard_files,
     output:
         index="build/{model}/{quant}/params/tensor-cache.json",
+        index_b16="build/{model}/{quant}/params/tensor-cache-b16.json",
     log:
         "logs/{model}/{quant}/weights_index.log",
     conda:

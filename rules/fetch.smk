@@ -23,7 +23,8 @@ rule generate_tiny_model:
         args=generate_args,
         out=lambda w: layout.generated_dir(w.model),
     shell:
-        "python scripts/make_tiny_model.py -o {params.out} {params.args} > {log} 2>&1"
+        "python scripts/make_tiny_model.py -o {params.out} --corpus {input.corpus} {params.args}"
+        " --threads {threads} > {log} 2>&1"
 
 
 rule fetch_model:

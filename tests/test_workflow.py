@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -290,3 +291,23 @@ def test_mlc_llm_backend_runs_the_real_cli_argv(wf, tmp_path):
     assert all(c[1] == f"build/{TINY}/q4f16_1/mlc-chat-config.json" for c in compile_calls)
     manifest = json.loads((wf / "dist" / f"{TINY}-q4f16_1" / "MANIFEST.json").read_text())
     assert f"bundle/{TINY}-q4f16_1/params_shard_0.bin" in manifest["files"]
+
+
+def test_rules_pass_their_threads_to_the_steps(tiny_build):
+    """A job's ``threads`` (scaled down to the cores given) reach the step: the converter and the trainer
+    size their pools from it rather than from the machine (a cluster job must stay inside its allotment)."""
+    out = run_snakemake(tiny_build, "-n", "-p", "-c1", "--forceall", "--configfile", "config/tiny.yaml").stdout
+    cmds = [line[line.index("python scripts/") :] for line in out.splitlines() if "python scripts/" in line]
+    shard_cmds = [c for c in cmds if c.startswith("python scripts/convert_weight.py") and "--shard" in c]
+    gen_cmds = [c for c in cmds if c.startswith("python scripts/make_tiny_model.py")]
+    assert shard_cmds and all("--threads 1 " in c for c in shard_cmds)
+    assert gen_cmds and all("--threads 1 " in c for c in gen_cmds)
+
+
+def test_converter_refuses_zero_threads(tiny_build):
+    proc = subprocess.run(
+        [sys.executable, "scripts/convert_weight.py", f"resources/models/{TINY}", "--quantization", "q0f16", "--threads", "0", "-o", "o"],
+        cwd=tiny_build, capture_output=True, text=True,
+    )
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: threads 0 is out of range; allowed: 1 or more"
+    assert not (tiny_build / "o").exists()
