@@ -23,29 +23,19 @@ import yaml
 
 from neox_mlc.common import REPO_ROOT, WorkflowError, read_json, run_cli, write_json
 from neox_mlc.hf_checkpoint import NeoXArch, load_arch
-from neox_mlc.neox_config import DEFAULT_MAX_BATCH_SIZE
+from neox_mlc.neox_config import DEFAULT_MAX_BATCH_SIZE, check_context_window
+from neox_mlc.templates import validate_template
 from neox_mlc.quantization import QUANTIZATIONS, get_quantization
 
 CHAT_CONFIG_VERSION = "0.1.0"
 MAX_PREFILL_CHUNK = 8192
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "vocab.json", "merges.txt", "added_tokens.json", "tokenizer_config.json")
-TEMPLATE_FIELDS = ("system_message", "roles", "role_content_sep", "role_empty_sep", "seps", "stop_str", "stop_token_ids", "add_bos")
 
 
 def load_templates(path: str | Path = REPO_ROOT / "config.yaml") -> dict[str, dict[str, Any]]:
     """The conversation templates kept as data in the workflow config."""
     data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     return data.get("conv_templates", {})
-
-
-def validate_template(name: str, tpl: dict[str, Any]) -> None:
-    """A template must define every field MLC's conversation needs."""
-    missing = [f for f in TEMPLATE_FIELDS if f not in tpl]
-    if missing:
-        raise WorkflowError(f"conversation template {name!r} is missing field(s) {missing}; required: {list(TEMPLATE_FIELDS)}")
-    roles = tpl["roles"]
-    if not isinstance(roles, dict) or set(roles) != {"user", "assistant"}:
-        raise WorkflowError(f"conversation template {name!r}: roles must map exactly 'user' and 'assistant', got {roles!r}")
 
 
 def conv_template(name: str, tpl: dict[str, Any], bos_token_id: int) -> dict[str, Any]:
@@ -88,14 +78,6 @@ def tokenizer_info(tokenizer_json: dict[str, Any] | None) -> dict[str, Any]:
     return info
 
 
-def check_context_window(n: int, arch: NeoXArch) -> None:
-    if not 0 < n <= arch.max_position_embeddings:
-        raise WorkflowError(
-            f"context window (max_seq_len) {n} is out of range; allowed: 1..{arch.max_position_embeddings} "
-            "(the model's max_position_embeddings)"
-        )
-
-
 def make_chat_config(
     model_dir: str | Path,
     quantization: str,
@@ -109,7 +91,7 @@ def make_chat_config(
     """Build the chat config dict (pure: reads files, writes nothing)."""
     get_quantization(quantization)
     arch, hf = load_arch(model_dir)
-    check_context_window(context_window_size, arch)
+    check_context_window(context_window_size, arch.max_position_embeddings)
     tok_dir = Path(tokenizer_dir or model_dir)
     tok_path = tok_dir / "tokenizer.json"
     if not tok_path.is_file():

@@ -12,6 +12,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from neox_mlc.common import WorkflowError
+
 DEFAULT_MAX_BATCH_SIZE = 128
 
 
@@ -46,3 +48,13 @@ class NeoXConfig:
         """The config a chat config was written with (older configs may lack the defaulted keys)."""
         known = {f.name for f in dataclasses.fields(cls) if not f.metadata.get("compile_only")}
         return cls(**{k: v for k, v in cfg["model_config"].items() if k in known}, dequantize_rows=dequantize_rows)
+
+
+def check_context_window(n: int, max_position_embeddings: int) -> None:
+    """The context window (``max_seq_len``) must fit the model's positions: the one statement of the rule,
+    checked at planning time when the model's config.json is known and again by gen_config."""
+    if not 0 < n <= max_position_embeddings:
+        raise WorkflowError(
+            f"context window (max_seq_len) {n} is out of range; allowed: 1..{max_position_embeddings} "
+            "(the model's max_position_embeddings)"
+        )

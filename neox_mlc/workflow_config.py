@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from neox_mlc.common import WorkflowError
-from neox_mlc.gen_config import validate_template
 from neox_mlc.layout import TARGETS, snapshot_dir
+from neox_mlc.neox_config import check_context_window
 from neox_mlc.quantization import QUANTIZATIONS
+from neox_mlc.templates import validate_template
 
 
 def model_max_positions(name: str, spec: dict[str, Any], root: Path) -> int | None:
@@ -55,12 +56,11 @@ def check_config(config: dict[str, Any], root: Path) -> None:
         if "local_path" in spec and not (Path(spec["local_path"]) / "config.json").is_file():
             raise WorkflowError(f"model {name!r}: local_path {spec['local_path']} has no config.json")
         limit = model_max_positions(name, spec, root)
-        if limit is not None and not 0 < n <= limit:
-            raise WorkflowError(
-                f"max_seq_len {n} is out of range for model {name!r}; allowed: 1..{limit} (max_position_embeddings)"
-            )
-    if n <= 0:
-        raise WorkflowError(f"max_seq_len {n} is out of range; allowed: a positive integer")
+        if limit is not None:
+            try:
+                check_context_window(n, limit)
+            except WorkflowError as err:
+                raise WorkflowError(f"model {name!r}: {err}") from None
 
 
 def put_interpreter_first_on_path() -> None:

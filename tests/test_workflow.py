@@ -186,7 +186,7 @@ def test_unknown_model_or_quantization_in_target(wf):
 
 @pytest.mark.parametrize("value,expected", [
     ("0", "max_seq_len"),
-    ("5000", "max_seq_len 5000 is out of range for model 'tiny-neox-ja'; allowed: 1..1024 (max_position_embeddings)"),
+    ("5000", "model 'tiny-neox-ja': context window (max_seq_len) 5000 is out of range; allowed: 1..1024 (the model's max_position_embeddings)"),
 ])
 def test_max_seq_len_out_of_range(wf, value, expected):
     err = _fails(wf, "--configfile", "config/tiny.yaml", "--config", f"max_seq_len={value}")
