@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 
 from neox_mlc.common import WorkflowError, read_json, run_cli, write_json
+from neox_mlc.quantization import GGUF_PEER_TYPES
 
-GGUF_TYPES = ("Q4_0", "Q4_1", "Q8_0")
 DEFAULT_PROMPTS = ("日本で一番高い山は何ですか?", "雨の日の過ごし方を提案してください。")
 
 
@@ -268,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--params", help="bundle params directory (tensor-cache.json)")
     ap.add_argument("--lib", help="host (llvm) model library")
     ap.add_argument("--chat-config")
-    ap.add_argument("--gguf-type", choices=GGUF_TYPES, help="evaluate a gguf peer instead of a bundle")
+    ap.add_argument("--gguf-type", choices=GGUF_PEER_TYPES, help="evaluate a gguf peer instead of a bundle")
     ap.add_argument("--window", type=int, default=256, help="evaluation window for gguf peers (bundles use their context window)")
     ap.add_argument("--text")
     ap.add_argument("--hf-dataset")

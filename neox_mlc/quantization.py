@@ -87,6 +87,9 @@ QUANTIZATIONS: dict[str, Quantization] = {
     )
 }
 
+# llama.cpp's formats the quality report puts beside these modes (quantized with the gguf package).
+GGUF_PEER_TYPES = ("Q4_0", "Q4_1", "Q8_0")
+
 
 def get_quantization(name: str) -> Quantization:
     """Look a mode up, failing with the allowed names."""

@@ -10,7 +10,7 @@ import os
 from neox_mlc import layout
 from neox_mlc.codedeps import code_inputs
 from neox_mlc.common import WorkflowError
-from neox_mlc.quantization import QUANTIZATIONS
+from neox_mlc.quantization import GGUF_PEER_TYPES, QUANTIZATIONS
 from neox_mlc.workflow_config import (
     check_config,
     put_interpreter_first_on_path,
@@ -23,11 +23,6 @@ stop_on_bad_config(check_config, config, Path(workflow.basedir))
 
 MODELS = config["models"]
 BACKEND = config.get("backend", "native")
-GGUF_TYPES = [
-    "Q4_0",
-    "Q4_1",
-    "Q8_0",
-]  # peers from the gguf package, see neox_mlc/evaluate.py
 
 
 def code(entry):
@@ -51,7 +46,7 @@ wildcard_constraints:
     quant=_alternation(QUANTIZATIONS),
     target=_alternation(layout.TARGETS),
     shard=r"\d+",
-    gtype="|".join(GGUF_TYPES),
+    gtype="|".join(GGUF_PEER_TYPES),
 
 
 def all_bundles():
@@ -199,5 +194,5 @@ def eval_mem_mb(wildcards):
 def quality_reports(wildcards):
     m = wildcards.model
     return [f"reports/{m}/{q}/quality.json" for q in config["quantizations"]] + [
-        f"reports/{m}/gguf-{g}/quality.json" for g in GGUF_TYPES
+        f"reports/{m}/gguf-{g}/quality.json" for g in GGUF_PEER_TYPES
     ]
