@@ -214,19 +214,6 @@ def export_module(chat_config_path: str | Path, device: str, system_lib_prefix: 
     return mod, params, target, cfg
 
 
-def interface_of(chat_config_path: str | Path, device: str = "llvm") -> dict[str, Any]:
-    """Relax functions and their parameter names, as ``lib-interface.json`` lists them."""
-    from tvm import relax
-
-    mod, params, _, cfg = export_module(chat_config_path, device)
-    mod = _attach_metadata(mod, metadata(cfg, params, {}))
-    funcs = {gv.name_hint: f for gv, f in mod.functions.items() if isinstance(f, relax.Function)}
-    return {
-        "vm_functions": sorted(funcs),
-        "vm_function_params": {name: [str(p.name) for p in funcs[name].params] for name in sorted(funcs)},
-    }
-
-
 def build(chat_config_path: str | Path, device: str, output: str | Path, system_lib_prefix: str | None = None, host_cpu: str | None = None) -> dict[str, Any]:
     """Compile and export the library atomically; returns the metadata embedded in it."""
     import tvm

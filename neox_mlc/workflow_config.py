@@ -55,6 +55,12 @@ def check_config(config: dict[str, Any], root: Path) -> None:
         validate_template(tpl, templates[tpl])
         if "local_path" in spec and not (Path(spec["local_path"]) / "config.json").is_file():
             raise WorkflowError(f"model {name!r}: local_path {spec['local_path']} has no config.json")
+        g = spec.get("generate")
+        if g and g["hidden_size"] % g["num_heads"]:
+            raise WorkflowError(
+                f"model {name!r}: generate.hidden_size {g['hidden_size']} is not divisible by num_heads {g['num_heads']}; "
+                "allowed: a multiple of num_heads"
+            )
         limit = model_max_positions(name, spec, root)
         if limit is not None:
             try:

@@ -19,7 +19,8 @@ from neox_mlc.common import WorkflowError
 from neox_mlc.compile import make_target
 from neox_mlc.convert_weight import convert
 from neox_mlc.gen_config import load_templates, make_chat_config
-from neox_mlc.reference import hf_logits, hf_state_from_cache, in_features_of, load_hf_model
+from bundle_reference import hf_state_from_cache, in_features_of
+from neox_mlc.reference import hf_logits, load_hf_model
 
 CONTEXT = 96
 PROMPT_TEXT = "ユーザー: 日本で一番高い山は何ですか?<NL>システム: 日本で一番高い山は富士山です。"

@@ -8,6 +8,7 @@
 """
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +17,21 @@ from conftest import ALL_QUANTS, FIXTURES, SHARED_FIXTURES
 from neox_mlc.gen_config import load_templates, make_chat_config
 
 LOGIT_TOL = 5e-3  # the fixture README's bound; MLC's own q0f16 differs from float32 numpy by 1.4e-3
+
+
+def interface_of(chat_config_path: Path, device: str = "llvm") -> dict:
+    """Relax functions and their parameter names, as ``lib-interface.json`` lists them."""
+    from tvm import relax
+
+    from neox_mlc.compile import _attach_metadata, export_module, metadata
+
+    mod, params, _, cfg = export_module(chat_config_path, device)
+    mod = _attach_metadata(mod, metadata(cfg, params, {}))
+    funcs = {gv.name_hint: f for gv, f in mod.functions.items() if isinstance(f, relax.Function)}
+    return {
+        "vm_functions": sorted(funcs),
+        "vm_function_params": {name: [str(p.name) for p in funcs[name].params] for name in sorted(funcs)},
+    }
 
 
 @pytest.mark.parametrize("quant", ALL_QUANTS)
@@ -69,7 +85,6 @@ def test_library_interface_matches_mlc(mlc_lib, fixtures_dir):
 
 def test_library_function_params_match_mlc(mlc_lib, fixtures_dir):
     """Parameter names per function, read from the Relax module the library was built from."""
-    from neox_mlc.compile import interface_of
 
     quant, _lib, _params, cfg = mlc_lib
     ref = json.loads((fixtures_dir / quant / "lib-interface.json").read_text())

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import REPO
 from neox_mlc.common import WorkflowError
-from neox_mlc.convert_weight import build_plan, convert, convert_shard, mlc_llm_argv
+from neox_mlc.convert_weight import build_plan, convert, convert_shard
 from neox_mlc.tensor_cache import plan_shards
 
 
@@ -176,12 +176,6 @@ def test_malicious_pickle_is_refused_and_never_executed(fixtures_dir, tmp_path):
     with pytest.raises(WorkflowError, match=r"refusing to load .*pytorch_model.bin: torch.load\(weights_only=True\) failed"):
         build_plan(model, "q0f16")
     assert not marker.exists()
-
-
-def test_mlc_llm_backend_argv():
-    assert mlc_llm_argv("resources/models/m", "q4f16_1", "build/m/q4f16_1/params") == [
-        "mlc_llm", "convert_weight", "resources/models/m", "--quantization", "q4f16_1", "--device", "cpu", "-o", "build/m/q4f16_1/params",
-    ]
 
 
 @pytest.mark.parametrize("quant", ["q0f16", "q4f16_1"])

@@ -132,9 +132,40 @@ def test_fuzzed_configs_fail_with_one_line_or_pass(path, action, value):
         _check(cfg)
     except WorkflowError as err:
         assert "\n" not in str(err) and str(err)
-    # a mutation may happen to be valid (e.g. deleting an optional key): then it must stay usable
+    # a mutation may happen to be valid (e.g. deleting an optional key): then every job must be able to use it
     else:
-        assert cfg["max_seq_len"] >= 1
+        _assert_usable(cfg)
+
+
+def _assert_usable(cfg: dict) -> None:
+    """What the jobs rely on once planning has accepted a config (else they would fail mid-run)."""
+    import json
+
+    from neox_mlc.gen_config import conv_template
+    from neox_mlc.layout import TARGETS
+    from neox_mlc.neox_config import check_context_window
+    from neox_mlc.quantization import QUANTIZATIONS
+
+    assert set(cfg["build_models"]) <= set(cfg["models"])
+    assert cfg["quantizations"] and all(q in QUANTIZATIONS for q in cfg["quantizations"])
+    assert all(t in TARGETS for t in [cfg["target"], *cfg.get("extra_targets", [])])
+    for spec in cfg["models"].values():
+        name = spec["conv_template"]
+        expanded = conv_template(name, cfg["conv_templates"][name], 0)
+        assert all(isinstance(s, str) for s in expanded["seps"] + expanded["stop_str"])
+        assert all(isinstance(i, int) and not isinstance(i, bool) for i in expanded["stop_token_ids"])
+        json.dumps(expanded)
+        if "generate" in spec:
+            g = spec["generate"]
+            assert g["hidden_size"] % g["num_heads"] == 0, "the generated model would be refused by gen_config"
+            check_context_window(cfg["max_seq_len"], g["max_position_embeddings"])
+
+
+def test_generated_model_heads_must_divide_hidden():
+    # found by the fuzzing above once it checked what a passing config must give the jobs
+    cfg = _apply(VALID, ("models", TINY, "generate", "hidden_size"), "replace", 10)
+    with pytest.raises(WorkflowError, match=r"^model 'tiny-neox-ja': generate\.hidden_size 10 is not divisible by num_heads 4; allowed: a multiple of num_heads$"):
+        _check(cfg)
 
 
 def test_fuzzing_reaches_the_cli_as_one_line(wf):
