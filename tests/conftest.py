@@ -6,6 +6,7 @@ Compiling is the slow part (seconds per library), so each library is built once 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -104,3 +105,24 @@ def copy_workflow(dest: Path) -> Path:
         else:
             shutil.copy2(src, dest / name)
     return dest
+
+
+def rule_blocks() -> dict[str, str]:
+    """rule (or checkpoint) name -> its text, from rules/*.smk."""
+    blocks = {}
+    for smk in sorted((REPO / "rules").glob("*.smk")):
+        for block in re.split(r"\n(?=(?:checkpoint|rule) )", smk.read_text()):
+            name = re.match(r"(?:checkpoint|rule) (\w+):", block)
+            if name:
+                blocks[name.group(1)] = block
+    return blocks
+
+
+def rule_entry_scripts() -> dict[str, str]:
+    """rule name -> the entry script its shell command runs (``scripts/X.py``)."""
+    found = {}
+    for name, block in rule_blocks().items():
+        entry = re.search(r"python (scripts/\w+\.py)", block)
+        if entry:
+            found[name] = entry.group(1)
+    return found

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import rule_blocks, rule_entry_scripts
 from neox_mlc.codedeps import code_inputs
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,14 +40,11 @@ def _env_pins(env_file: Path) -> dict[str, str]:
 
 def _rule_envs() -> dict[str, tuple[str, str]]:
     """rule name -> (env file, entry script) read from the rule files."""
-    found = {}
-    for smk in sorted((REPO / "rules").glob("*.smk")):
-        for block in re.split(r"\n(?=(?:checkpoint|rule) )", smk.read_text()):
-            name = re.match(r"(?:checkpoint|rule) (\w+):", block)
-            env = re.search(r'conda:\s*\n\s*"\.\./(envs/[\w.]+)"', block)
-            entry = re.search(r"python (scripts/\w+\.py)", block)
-            if name and env and entry:
-                found[name.group(1)] = (env.group(1), entry.group(1))
+    entries, found = rule_entry_scripts(), {}
+    for name, block in rule_blocks().items():
+        env = re.search(r'conda:\s*\n\s*"\.\./(envs/[\w.]+)"', block)
+        if env and name in entries:
+            found[name] = (env.group(1), entries[name])
     return found
 
 
