@@ -145,6 +145,32 @@ def test_decode_after_prefill_equals_fresh_prefill(quant, bundle, prompt_ids):
     assert np.abs(stepped - fresh).max() < (1e-5 if quant == "q0f32" else 5e-3)
 
 
+def test_decode_switching_thread_counts_is_bit_identical_and_reaches_tvm(bundle, prompt_ids):
+    """The adaptive thread count (runtime.ThreadChooser) moves rows between threads, nothing else."""
+    import tvm
+
+    rt = _runtime(bundle, "q4f16_0")
+    if rt.max_threads < 2:
+        pytest.skip("needs 2 usable CPUs")
+    num_threads = tvm.get_global_func("runtime.NumThreads")
+    rt.set_threads(1)
+    assert num_threads() == 1
+    rt.chooser.candidates = [1]  # fixed: one thread
+    logits, fixed = rt.prefill(prompt_ids), []
+    for _ in range(6):
+        fixed.append(rt.decode(int(logits.argmax())))
+        logits = fixed[-1]
+    rt.reset()
+    rt.chooser = type(rt.chooser)([rt.max_threads, 1], probe_steps=1, period=0)  # a probe every step: 2, 1, 2, ...
+    seen = set()
+    logits = rt.prefill(prompt_ids)
+    for want in fixed:
+        seen.add(rt.chooser.next_threads())
+        logits = rt.decode(int(logits.argmax()))
+        assert np.array_equal(logits, want)
+    assert seen == {1, rt.max_threads} and num_threads() in seen
+
+
 def _lowered_kernels(cfg, device):
     """(kernel names each Relax function calls, PrimFuncs) of the library as compile.build lowers it."""
     import tvm
