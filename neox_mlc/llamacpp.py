@@ -19,15 +19,18 @@ nothing but the standard library, numpy and ``llama_cpp``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+_REPO = Path(__file__).resolve().parent.parent
 DEFAULT_PYTHON = "/work/llamavenv/bin/python"
 FTYPES = {"F16": 1, "Q8_0": 7, "Q4_0": 2}  # llama_ftype values (llama.h)
 
@@ -39,7 +42,7 @@ def llama_python() -> str | None:
     exe = os.environ.get("LLAMA_PYTHON", DEFAULT_PYTHON)
     if not Path(exe).is_file():
         return None
-    ok = subprocess.run([exe, "-c", "import llama_cpp"], capture_output=True).returncode == 0
+    ok = subprocess.run([exe, "-c", "import llama_cpp"], capture_output=True, check=False).returncode == 0
     return exe if ok else None
 
 
@@ -141,11 +144,64 @@ def speed(path: str, prompt: int, decode: int, threads: int) -> dict[str, float]
     return {"prompt_tokens": prompt, "decode_tokens": decode, "prefill_tok_s": prompt / (t1 - t0), "decode_tok_s": decode / (t2 - t1)}
 
 
-def logits(path: str, ids: Sequence[int], out: str, threads: int) -> None:
-    """float32 logits ``[len(ids), vocab]`` of every position, saved as .npy (for perplexity / KL)."""
-    llm = _load(path, threads, len(ids) + 8, True)
-    llm.eval(list(ids))
-    np.save(out, np.asarray(llm.scores[: len(ids)], dtype=np.float32))
+def logits(path: str, windows: Sequence[Sequence[int]], out: str, threads: int) -> None:
+    """float32 logits of every position of each window (evaluated independently), concatenated, as .npy."""
+    llm = _load(path, threads, max(len(w) for w in windows) + 8, True)
+    parts = []
+    for w in windows:
+        llm.reset()
+        llm.eval(list(w))
+        parts.append(np.asarray(llm.scores[: len(w)], dtype=np.float32))
+    np.save(out, np.concatenate(parts))
+
+
+def evaluate_llama_cpp(model_dir: str | Path, tokenizer: str | Path, gtype: str, text: str, window: int, max_tokens: int) -> dict[str, Any]:
+    """A quality-report row from llama.cpp's own inference of its ``gtype`` GGUF (same windows, same reference).
+
+    Why beside the numpy-quantizer rows: those pass weights through gguf's quantizer into
+    transformers; these run llama.cpp's kernels (its Q4_0 file keeps the head in Q6_K, and its
+    matmuls quantize activations to 8 bits), which is what a llama.cpp user gets.
+    """
+    import subprocess
+    import tempfile
+
+    from tokenizers import Tokenizer
+
+    from neox_mlc.common import WorkflowError
+    from neox_mlc.evaluate import compare, eval_windows, stack_windows
+    from neox_mlc.reference import hf_logits, load_hf_model
+
+    python = llama_python()
+    if python is None:
+        raise WorkflowError(f"llama.cpp rows need llama-cpp-python in {os.environ.get('LLAMA_PYTHON', DEFAULT_PYTHON)} (LLAMA_PYTHON)")
+    if gtype not in FTYPES:
+        raise WorkflowError(f"llama.cpp type {gtype!r} is not one of {', '.join(FTYPES)}")
+    tok = Tokenizer.from_file(str(tokenizer))
+    windows = eval_windows(tok.encode(text, add_special_tokens=False).ids, window, max_tokens)
+    ref = load_hf_model(Path(model_dir))
+    ref_logits, targets = stack_windows(lambda w: hf_logits(ref, w), windows)
+    with tempfile.TemporaryDirectory() as tmp:
+        f16 = write_gguf(model_dir, Path(tmp) / "F16.gguf")
+        model = f16
+        if gtype != "F16":
+            model = Path(tmp) / f"{gtype}.gguf"
+            subprocess.run([python, "-m", "neox_mlc.llamacpp", "quantize", str(f16), str(model), gtype], check=True, cwd=_REPO, capture_output=True)
+        (Path(tmp) / "ids.json").write_text(json.dumps(windows))
+        subprocess.run([python, "-m", "neox_mlc.llamacpp", "logits", str(model), str(Path(tmp) / "ids.json"), str(Path(tmp) / "out.npy")],
+                       check=True, cwd=_REPO, capture_output=True)
+        flat = np.load(Path(tmp) / "out.npy")
+        nbytes = model.stat().st_size
+    starts = np.cumsum([0] + [len(w) for w in windows])
+    test_logits = np.concatenate([flat[a : b - 1] for a, b in itertools.pairwise(starts)])
+    numel = sum(int(np.prod(i.shape)) for i in _tensor_shapes(model_dir))
+    return {"method": f"llama.cpp {gtype}", "quantization": gtype, "bits_per_param": nbytes * 8 / numel, "params_bytes_on_disk": nbytes,
+            **compare(ref_logits, test_logits, targets)}
+
+
+def _tensor_shapes(model_dir: str | Path) -> list[Any]:
+    from neox_mlc.hf_checkpoint import TensorIndex
+
+    return list(TensorIndex(model_dir).tensors.values())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -162,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     s.add_argument("--threads", type=int, default=2)
     lg = sub.add_parser("logits")
     lg.add_argument("gguf")
-    lg.add_argument("ids", help="JSON file with a list of token ids")
+    lg.add_argument("ids", help="JSON file with a list of windows (lists of token ids)")
     lg.add_argument("out")
     lg.add_argument("--threads", type=int, default=2)
     a = ap.parse_args(argv)
