@@ -25,6 +25,7 @@ PAGE_SIZE = 16
 # TVM's pool: worker threads pinned one per core cannot leave a core another process is using, and
 # each worker spins 300000 sched_yield()s after every kernel; both hurt on a shared machine.
 POOL_ENV = {"TVM_BIND_THREADS": "0", "TVM_THREAD_POOL_SPIN_COUNT": "10000"}
+CLEAR_RATIO = 1.5  # ThreadChooser ends a probe early when one count is this much slower
 _BIG_CORES = 1  # tvm::runtime::threading::ThreadGroup::kBig: every worker, no affinity change
 
 
@@ -61,11 +62,19 @@ class ThreadChooser:
         if self._plan:
             self._times[threads].append(seconds)
             self._plan.pop(0)
+            if self._plan and len(self._plan) % len(self.candidates) == 0 and self._clear_winner():
+                self._plan = []  # a slow count is not tried again just to confirm it is slow
             if not self._plan:
                 self.choice = min(self.candidates, key=lambda c: statistics.median(self._times[c]))
                 self._until_probe = self.period
         else:
             self._until_probe -= 1
+
+
+    def _clear_winner(self) -> bool:
+        """After a full round of the probe: is the slowest count already ``CLEAR_RATIO`` × the fastest?"""
+        medians = [statistics.median(self._times[c]) for c in self.candidates]
+        return max(medians) >= CLEAR_RATIO * min(medians)
 
 
 def thread_candidates(n: int) -> list[int]:
