@@ -109,14 +109,15 @@ def torch_speed_child(model: Path, dtype: str, prompt: int, decode: int, threads
 
 
 def bench_model(name: str, model: Path, work: Path, prompt: int, decode: int, threads: int, context: int, rounds: int = 1,
-                torch_too: bool = True, llama: str | None = None, compile_iphone: bool = True) -> dict[str, Any]:
+                torch_too: bool = True, llama: str | None = None, compile_iphone: bool = True, reuse_libs: bool = False) -> dict[str, Any]:
     out: dict[str, Any] = {"model": name}
     engines: dict[str, Any] = {}  # engine → zero-argument child that measures it once
     for quant in QUANTS:
         d = prepare(model, work, quant, context)
         res: dict[str, Any] = {}
         for device, ext in (("llvm", "so"), ("iphone", "tar")) if compile_iphone else (("llvm", "so"),):
-            res[f"compile_{device}"] = compile_child(d / "mlc-chat-config.json", device, d / f"lib-{device}.{ext}")
+            if not (reuse_libs and (d / f"lib-{device}.{ext}").is_file()):
+                res[f"compile_{device}"] = compile_child(d / "mlc-chat-config.json", device, d / f"lib-{device}.{ext}")
         out[f"mlc_{quant}"] = res
         engines[f"mlc_{quant}"] = lambda d=d: mlc_speed_child(d / "lib-llvm.so", d / "params", d / "mlc-chat-config.json", prompt, decode, threads)
     if torch_too:
@@ -204,6 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--no-torch", action="store_true", help="skip transformers + torch eager")
     ap.add_argument("--no-tiny", action="store_true", help="skip the tiny model")
     ap.add_argument("--no-iphone", action="store_true", help="skip the iphone compile-time rows")
+    ap.add_argument("--reuse-libs", action="store_true", help="keep libraries already built in --work (no compile rows)")
     ap.add_argument("-o", "--output", default="benchmarks/runtime.json")
     a = ap.parse_args(argv)
     from neox_mlc.llamacpp import llama_python
@@ -218,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"need a tokenizer: build the tiny model first ({a.tiny_model})")
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy2(tok_src / f, synth / f)
-    opts = {"rounds": a.rounds, "torch_too": not a.no_torch, "llama": llama, "compile_iphone": not a.no_iphone}
+    opts = {"rounds": a.rounds, "torch_too": not a.no_torch, "llama": llama, "compile_iphone": not a.no_iphone, "reuse_libs": a.reuse_libs}
     results: dict[str, Any] = {
         "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
