@@ -109,10 +109,18 @@ def write_gguf(model_dir: str | Path, out: str | Path) -> Path:
 # ---- children: run under the llama.cpp interpreter (stdlib, numpy, llama_cpp only) ----
 
 
+def _llama_cpp() -> Any:
+    """The optional extra, present only in the llama.cpp interpreter."""
+    try:
+        import llama_cpp
+    except ImportError:
+        raise RuntimeError(f"llama_cpp is not importable by {sys.executable}: run this under LLAMA_PYTHON") from None
+    return llama_cpp
+
+
 def quantize(src: str, dst: str, ftype: str) -> None:
     """llama.cpp's own quantizer (``llama_model_quantize``), as its ``llama-quantize`` tool runs it."""
-    import llama_cpp
-
+    llama_cpp = _llama_cpp()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = FTYPES[ftype]
     params.nthread = 2
@@ -123,9 +131,7 @@ def quantize(src: str, dst: str, ftype: str) -> None:
 
 
 def _load(path: str, threads: int, n_ctx: int, all_logits: bool):  # returns llama_cpp.Llama
-    import llama_cpp
-
-    return llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_batch=512, n_threads=threads, n_threads_batch=threads,
+    return _llama_cpp().Llama(model_path=path, n_ctx=n_ctx, n_batch=512, n_threads=threads, n_threads_batch=threads,
                            logits_all=all_logits, verbose=False, seed=0)
 
 
