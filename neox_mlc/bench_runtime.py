@@ -67,6 +67,16 @@ def mlc_speed_child(lib: Path, params: Path, cfg: Path, prompt: int, decode: int
     )
 
 
+def profile_child(lib: Path, params: Path, cfg: Path, prompt: int, steps: int = 16) -> dict[str, Any]:
+    """Per-kernel CPU time of one decode step on one thread (runtime.kernel_profile): where decode time goes."""
+    return run_child(
+        "import json\nfrom neox_mlc.runtime import ModelRuntime, kernel_profile\n"
+        f"rt = ModelRuntime({str(lib)!r}, {str(params)!r}, {str(cfg)!r})\n"
+        f"print(json.dumps(kernel_profile(rt, {steps}, {prompt})))",
+        env={"TVM_NUM_THREADS": "1", **FIXED_THREADS},
+    )
+
+
 def llama_speed_child(python: str, gguf: Path, prompt: int, decode: int, threads: int) -> dict[str, Any]:
     return run_child(f"import json\nfrom neox_mlc.llamacpp import speed\nprint(json.dumps(speed({str(gguf)!r}, {prompt}, {decode}, {threads})))", python)
 
@@ -109,7 +119,8 @@ def torch_speed_child(model: Path, dtype: str, prompt: int, decode: int, threads
 
 
 def bench_model(name: str, model: Path, work: Path, prompt: int, decode: int, threads: int, context: int, rounds: int = 1,
-                torch_too: bool = True, llama: str | None = None, compile_iphone: bool = True, reuse_libs: bool = False) -> dict[str, Any]:
+                torch_too: bool = True, llama: str | None = None, compile_iphone: bool = True, reuse_libs: bool = False,
+                profile: bool = False) -> dict[str, Any]:
     out: dict[str, Any] = {"model": name}
     engines: dict[str, Any] = {}  # engine → zero-argument child that measures it once
     for quant in QUANTS:
@@ -138,6 +149,10 @@ def bench_model(name: str, model: Path, work: Path, prompt: int, decode: int, th
             out[key]["run_host_cpu"] = median_run(r)
         else:
             out[key] = {**out.get(key, {}), **median_run(r)}
+    if profile:
+        for quant in QUANTS:
+            d = work / quant
+            out[f"mlc_{quant}"]["decode_profile_1_thread"] = profile_child(d / "lib-llvm.so", d / "params", d / "mlc-chat-config.json", prompt)
     out["targets"] = _targets(out, llama is not None, torch_too)
     return out
 
@@ -206,6 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--no-tiny", action="store_true", help="skip the tiny model")
     ap.add_argument("--no-iphone", action="store_true", help="skip the iphone compile-time rows")
     ap.add_argument("--reuse-libs", action="store_true", help="keep libraries already built in --work (no compile rows)")
+    ap.add_argument("--profile", action="store_true", help="also time each kernel of a decode step (1 thread, CPU time)")
     ap.add_argument("-o", "--output", default="benchmarks/runtime.json")
     a = ap.parse_args(argv)
     from neox_mlc.llamacpp import llama_python
@@ -220,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"need a tokenizer: build the tiny model first ({a.tiny_model})")
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy2(tok_src / f, synth / f)
-    opts = {"rounds": a.rounds, "torch_too": not a.no_torch, "llama": llama, "compile_iphone": not a.no_iphone, "reuse_libs": a.reuse_libs}
+    opts = {"rounds": a.rounds, "torch_too": not a.no_torch, "llama": llama, "compile_iphone": not a.no_iphone, "reuse_libs": a.reuse_libs, "profile": a.profile}
     results: dict[str, Any] = {
         "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
