@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 
@@ -91,9 +91,10 @@ class LoadGenerator:
     """``n`` busy-looping processes (a synthetic CPU load) while the ``with`` block runs."""
 
     def __init__(self, n: int) -> None:
-        self.n, self.procs = n, []  # type: list[subprocess.Popen[bytes]]
+        self.n = n
+        self.procs: list[subprocess.Popen[bytes]] = []
 
-    def __enter__(self) -> LoadGenerator:
+    def __enter__(self) -> Self:
         self.procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(self.n)]
         time.sleep(0.5)
         return self
