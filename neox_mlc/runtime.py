@@ -77,6 +77,14 @@ class ThreadChooser:
         return max(medians) >= CLEAR_RATIO * min(medians)
 
 
+def _pool_threads(value: str) -> int:
+    """TVM_NUM_THREADS as a count (TVM reads 0 or less as one thread)."""
+    try:
+        return max(1, int(value))
+    except ValueError:
+        raise WorkflowError(f"TVM_NUM_THREADS={value!r} is not a thread count; allowed: a positive integer") from None
+
+
 def thread_candidates(n: int) -> list[int]:
     """All threads, half of them, one: the counts decode probes (deduplicated)."""
     return sorted({n, max(1, n // 2), 1}, reverse=True)
@@ -91,6 +99,7 @@ class ModelRuntime:
         os.environ.setdefault("TVM_NUM_THREADS", str(usable_cpus()))
         for key, value in POOL_ENV.items():
             os.environ.setdefault(key, value)
+        self.max_threads = _pool_threads(os.environ["TVM_NUM_THREADS"])  # checked before anything is loaded
         import tvm
         from tvm import relax
         from tvm.contrib import tvmjs
@@ -120,7 +129,6 @@ class ModelRuntime:
         )
         self._f_add(self.kv, 0)
         self.length = 0
-        self.max_threads = int(os.environ["TVM_NUM_THREADS"])
         self.threads = self.max_threads
         self._config_pool = tvm.get_global_func("runtime.config_threadpool")
         adaptive = os.environ.get("NEOX_MLC_ADAPTIVE_THREADS", "1") != "0"

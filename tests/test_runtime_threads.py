@@ -35,3 +35,11 @@ def test_candidates_and_bad_counts():
     assert thread_candidates(8) == [8, 4, 1] and thread_candidates(2) == [2, 1] and thread_candidates(1) == [1]
     with pytest.raises(WorkflowError, match="positive"):
         ThreadChooser([0, 2])
+
+
+def test_tvm_num_threads_must_be_a_count():
+    from neox_mlc.runtime import _pool_threads
+
+    assert _pool_threads("2") == 2 and _pool_threads("0") == 1
+    with pytest.raises(WorkflowError, match="TVM_NUM_THREADS='two'"):
+        _pool_threads("two")
