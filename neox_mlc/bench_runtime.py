@@ -7,9 +7,16 @@ Measured in one run, each in its own process (peak RSS is the process's own VmHW
   library, for each of ``QUANTS``, on a synthetic GPT-NeoX (default: hidden 768, 12 layers, 12 heads,
   vocab 50432 — 162.5 M parameters, the size ../shared/ANCHORS.md uses) and on the tiny model;
 * transformers + torch eager (float32 and bfloat16) on the same checkpoint, same prompt and steps,
-  with its KV cache.
+  with its KV cache;
+* llama.cpp itself (F16, Q8_0, Q4_0 GGUF written from the same checkpoint, neox_mlc/llamacpp.py)
+  when the optional ``llama-cpp-python`` interpreter is installed (``LLAMA_PYTHON``);
+* with ``--load N``: decode under N busy-looping processes — this library with 1 thread, with all
+  threads as TVM's pool runs them by default (pinned, long spin), with the runtime's adaptive
+  thread count, and llama.cpp Q4_0 — the "no collapse under contention" figure.
 
-Target (issue #4): decode faster than torch eager on the same CPU.
+Speeds are ``--rounds`` runs per engine, alternating between engines, reported as medians.
+Targets (issues #4, #15): decode faster than torch eager; decode ≥ llama.cpp (q4 modes vs Q4_0,
+q0f16 vs F16), prefill ≥ 50 % of llama.cpp.
 """
 
 from __future__ import annotations
@@ -23,8 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-
-from neox_mlc.benchtools import make_checkpoint, run_child, write_result
+from neox_mlc.benchtools import LoadGenerator, make_checkpoint, median_run, run_child, write_result
 
 QUANTS = ("q0f16", "q4f16_0", "q4f16_1")  # config.yaml's pair, and MLC's default 4-bit layout
 
@@ -46,13 +52,53 @@ def compile_child(cfg: Path, device: str, out: Path) -> dict[str, Any]:
     return run_child(f"from neox_mlc.compile import build\nbuild({str(cfg)!r}, {device!r}, {str(out)!r}, 'bench_')")
 
 
-def mlc_speed_child(lib: Path, params: Path, cfg: Path, prompt: int, decode: int, threads: int) -> dict[str, Any]:
+# TVM's own thread-pool behaviour, which the runtime changes by default (neox_mlc/runtime.py)
+TVM_DEFAULT_POOL = {"TVM_BIND_THREADS": "1", "TVM_THREAD_POOL_SPIN_COUNT": "300000", "NEOX_MLC_ADAPTIVE_THREADS": "0"}
+FIXED_THREADS = {"NEOX_MLC_ADAPTIVE_THREADS": "0"}
+LLAMA_TYPES = ("F16", "Q8_0", "Q4_0")
+
+
+def mlc_speed_child(lib: Path, params: Path, cfg: Path, prompt: int, decode: int, threads: int, env: dict[str, str] | None = None) -> dict[str, Any]:
     return run_child(
-        f"import os, json\nos.environ['TVM_NUM_THREADS'] = '{threads}'\n"
-        "from neox_mlc.runtime import ModelRuntime\nfrom neox_mlc.evaluate import speed\n"
+        "import json\nfrom neox_mlc.runtime import ModelRuntime\nfrom neox_mlc.evaluate import speed\n"
         f"rt = ModelRuntime({str(lib)!r}, {str(params)!r}, {str(cfg)!r})\n"
-        f"print(json.dumps(speed(rt, {prompt}, {decode})))"
+        f"print(json.dumps(speed(rt, {prompt}, {decode})))",
+        env={"TVM_NUM_THREADS": str(threads), **(env or {})},
     )
+
+
+def profile_child(lib: Path, params: Path, cfg: Path, prompt: int, steps: int = 16) -> dict[str, Any]:
+    """Per-kernel CPU time of one decode step on one thread (runtime.kernel_profile): where decode time goes."""
+    return run_child(
+        "import json\nfrom neox_mlc.runtime import ModelRuntime, kernel_profile\n"
+        f"rt = ModelRuntime({str(lib)!r}, {str(params)!r}, {str(cfg)!r})\n"
+        f"print(json.dumps(kernel_profile(rt, {steps}, {prompt})))",
+        env={"TVM_NUM_THREADS": "1", **FIXED_THREADS},
+    )
+
+
+def llama_speed_child(python: str, gguf: Path, prompt: int, decode: int, threads: int) -> dict[str, Any]:
+    return run_child(f"import json\nfrom neox_mlc.llamacpp import speed\nprint(json.dumps(speed({str(gguf)!r}, {prompt}, {decode}, {threads})))", python)
+
+
+def prepare_llama(python: str, model: Path, work: Path) -> dict[str, Any]:
+    """F16 GGUF from the checkpoint (this project's writer), Q8_0 and Q4_0 by llama.cpp's quantizer."""
+    import time
+
+    from neox_mlc.llamacpp import write_gguf
+
+    work.mkdir(parents=True, exist_ok=True)
+    files, times = {"F16": work / "model-F16.gguf"}, {}
+    if not files["F16"].is_file():
+        t = time.perf_counter()
+        write_gguf(model, files["F16"])
+        times["convert_F16_s"] = round(time.perf_counter() - t, 3)
+    for ftype in LLAMA_TYPES[1:]:
+        files[ftype] = work / f"model-{ftype}.gguf"
+        if not files[ftype].is_file():
+            res = run_child(f"from neox_mlc.llamacpp import quantize\nquantize({str(files['F16'])!r}, {str(files[ftype])!r}, {ftype!r})", python)
+            times[f"quantize_{ftype}_s"] = res["wall_s"]
+    return {"files": files, "times": times}
 
 
 def torch_speed_child(model: Path, dtype: str, prompt: int, decode: int, threads: int) -> dict[str, Any]:
@@ -72,23 +118,90 @@ def torch_speed_child(model: Path, dtype: str, prompt: int, decode: int, threads
     )
 
 
-def bench_model(name: str, model: Path, work: Path, prompt: int, decode: int, threads: int, context: int) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+def bench_model(name: str, model: Path, work: Path, prompt: int, decode: int, threads: int, context: int, rounds: int = 1,
+                torch_too: bool = True, llama: str | None = None, compile_iphone: bool = True, reuse_libs: bool = False,
+                profile: bool = False) -> dict[str, Any]:
+    out: dict[str, Any] = {"model": name}
+    engines: dict[str, Any] = {}  # engine → zero-argument child that measures it once
     for quant in QUANTS:
         d = prepare(model, work, quant, context)
         res: dict[str, Any] = {}
-        for device, ext in (("llvm", "so"), ("iphone", "tar")):
-            res[f"compile_{device}"] = compile_child(d / "mlc-chat-config.json", device, d / f"lib-{device}.{ext}")
-        res["run_host_cpu"] = mlc_speed_child(d / "lib-llvm.so", d / "params", d / "mlc-chat-config.json", prompt, decode, threads)
+        for device, ext in (("llvm", "so"), ("iphone", "tar")) if compile_iphone else (("llvm", "so"),):
+            if not (reuse_libs and (d / f"lib-{device}.{ext}").is_file()):
+                res[f"compile_{device}"] = compile_child(d / "mlc-chat-config.json", device, d / f"lib-{device}.{ext}")
         out[f"mlc_{quant}"] = res
-    for dtype in ("float32", "bfloat16"):
-        out[f"torch_eager_{dtype}"] = torch_speed_child(model, dtype, prompt, decode, threads)
-    best_torch = max(out[f"torch_eager_{d}"]["decode_tok_s"] for d in ("float32", "bfloat16"))
-    out["targets"] = {
-        f"decode_{q}_faster_than_torch_eager": out[f"mlc_{q}"]["run_host_cpu"]["decode_tok_s"] > best_torch for q in QUANTS
-    }
-    out["model"] = name
+        engines[f"mlc_{quant}"] = lambda d=d: mlc_speed_child(d / "lib-llvm.so", d / "params", d / "mlc-chat-config.json", prompt, decode, threads)
+    if torch_too:
+        for dtype in ("float32", "bfloat16"):
+            engines[f"torch_eager_{dtype}"] = lambda dtype=dtype: torch_speed_child(model, dtype, prompt, decode, threads)
+    if llama:
+        prep = prepare_llama(llama, model, work / "llama.cpp")
+        out["llama_cpp_prepare"] = prep["times"]
+        for ftype, gguf in prep["files"].items():
+            out[f"llama_cpp_{ftype}"] = {"file_gib": round(gguf.stat().st_size / (1 << 30), 3)}
+            engines[f"llama_cpp_{ftype}"] = lambda gguf=gguf: llama_speed_child(llama, gguf, prompt, decode, threads)
+    runs: dict[str, list[dict[str, Any]]] = {k: [] for k in engines}
+    for _ in range(rounds):  # alternate engines within each round: a load that comes and goes hits all alike
+        for key, measure in engines.items():
+            runs[key].append(measure())
+    for key, r in runs.items():
+        if key.startswith("mlc_"):
+            out[key]["run_host_cpu"] = median_run(r)
+        else:
+            out[key] = {**out.get(key, {}), **median_run(r)}
+    if profile:
+        for quant in QUANTS:
+            d = work / quant
+            out[f"mlc_{quant}"]["decode_profile_1_thread"] = profile_child(d / "lib-llvm.so", d / "params", d / "mlc-chat-config.json", prompt)
+    out["targets"] = _targets(out, llama is not None, torch_too)
     return out
+
+
+def _targets(out: dict[str, Any], llama: bool, torch_too: bool) -> dict[str, bool]:
+    def mlc(q: str, what: str) -> float:
+        return out[f"mlc_{q}"]["run_host_cpu"][what]
+
+    targets: dict[str, bool] = {}
+    if torch_too:
+        best_torch = max(out[f"torch_eager_{d}"]["decode_tok_s"] for d in ("float32", "bfloat16"))
+        targets.update({f"decode_{q}_faster_than_torch_eager": mlc(q, "decode_tok_s") > best_torch for q in QUANTS})
+    if llama:
+        for q in QUANTS:
+            peer = out["llama_cpp_F16" if q == "q0f16" else "llama_cpp_Q4_0"]
+            targets[f"decode_{q}_at_least_llama_cpp"] = mlc(q, "decode_tok_s") >= peer["decode_tok_s"]
+            targets[f"prefill_{q}_at_least_half_llama_cpp"] = mlc(q, "prefill_tok_s") >= 0.5 * peer["prefill_tok_s"]
+    return targets
+
+
+def contention(work: Path, load: int, prompt: int, decode: int, threads: int, rounds: int, llama: str | None) -> dict[str, Any]:
+    """Decode under ``load`` busy processes: 1 thread, TVM's default pool, the adaptive runtime, llama.cpp."""
+    d = work / "q4f16_0"
+    lib = (d / "lib-llvm.so", d / "params", d / "mlc-chat-config.json")
+    engines = {
+        "mlc_q4f16_0_1_thread": lambda: mlc_speed_child(*lib, prompt, decode, 1, FIXED_THREADS),
+        f"mlc_q4f16_0_{threads}_threads_tvm_default_pool": lambda: mlc_speed_child(*lib, prompt, decode, threads, TVM_DEFAULT_POOL),
+        f"mlc_q4f16_0_{threads}_threads_adaptive": lambda: mlc_speed_child(*lib, prompt, decode, threads),
+    }
+    if llama:
+        engines[f"llama_cpp_Q4_0_{threads}_threads"] = lambda: llama_speed_child(llama, work / "llama.cpp" / "model-Q4_0.gguf", prompt, decode, threads)
+    runs: dict[str, list[dict[str, Any]]] = {k: [] for k in engines}
+    with LoadGenerator(load):
+        for _ in range(rounds):
+            for key, measure in engines.items():
+                runs[key].append(measure())
+    return {"load_processes": load, **{k: median_run(r) for k, r in runs.items()}}
+
+
+def cpu_name() -> str:
+    """``lscpu``'s model name and the SIMD extensions that matter here (README tables name the CPU)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    model = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "unknown")
+    flags = set(next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), []))
+    simd = [f for f in ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16") if f in flags]
+    return f"{model} ({', '.join(simd)})"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -102,8 +215,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--decode", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tiny-model", default="resources/models/tiny-neox-ja", help="also benchmarked; its tokenizer is reused for the synthetic model (build it first)")
+    ap.add_argument("--rounds", type=int, default=3, help="runs per engine, alternating; medians reported")
+    ap.add_argument("--load", type=int, default=0, help="also measure decode under this many busy processes")
+    ap.add_argument("--no-torch", action="store_true", help="skip transformers + torch eager")
+    ap.add_argument("--no-tiny", action="store_true", help="skip the tiny model")
+    ap.add_argument("--no-iphone", action="store_true", help="skip the iphone compile-time rows")
+    ap.add_argument("--reuse-libs", action="store_true", help="keep libraries already built in --work (no compile rows)")
+    ap.add_argument("--profile", action="store_true", help="also time each kernel of a decode step (1 thread, CPU time)")
     ap.add_argument("-o", "--output", default="benchmarks/runtime.json")
     a = ap.parse_args(argv)
+    from neox_mlc.llamacpp import llama_python
+
+    llama = llama_python()
     work = Path(a.work)
     synth = work / "synthetic-model"
     if not (synth / "config.json").is_file():
@@ -113,14 +236,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"need a tokenizer: build the tiny model first ({a.tiny_model})")
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy2(tok_src / f, synth / f)
-    results = {
+    opts = {"rounds": a.rounds, "torch_too": not a.no_torch, "llama": llama, "compile_iphone": not a.no_iphone, "reuse_libs": a.reuse_libs, "profile": a.profile}
+    results: dict[str, Any] = {
+        "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "threads": a.threads,
         "prompt_tokens": a.prompt,
         "decode_tokens": a.decode,
-        "synthetic": bench_model(f"synthetic GPT-NeoX h{a.hidden} L{a.layers} V{a.vocab}", synth, work / "synthetic", a.prompt, a.decode, a.threads, 1024),
-        "tiny": bench_model("tiny", tok_src, work / "tiny", min(a.prompt, 128), a.decode, a.threads, 256),
+        "rounds": a.rounds,
+        "llama_cpp": llama is not None,
+        "synthetic": bench_model(f"synthetic GPT-NeoX h{a.hidden} L{a.layers} V{a.vocab}", synth, work / "synthetic", a.prompt, a.decode, a.threads, 1024, **opts),
     }
+    if a.load:
+        results["contention"] = contention(work / "synthetic", a.load, a.prompt, a.decode, a.threads, a.rounds, llama)
+    if not a.no_tiny:
+        results["tiny"] = bench_model("tiny", tok_src, work / "tiny", min(a.prompt, 128), a.decode, a.threads, 256, **opts)
     write_result(a.output, results)
     return 0
 

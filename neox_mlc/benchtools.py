@@ -7,11 +7,13 @@ just generated gigabytes of weights) must not be counted.
 from __future__ import annotations
 
 import json
+import os
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 
@@ -60,13 +62,14 @@ def make_checkpoint(out: Path, hidden: int, layers: int, vocab: int, shards: int
     return {"params": int(params), "bytes": sum(p.stat().st_size for p in out.glob("*.safetensors"))}
 
 
-def run_child(code: str) -> dict[str, Any]:
-    """Run Python code in a child; return wall time, peak RSS and what it printed as JSON."""
+def run_child(code: str, python: str = sys.executable, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run Python code in a child (``python``, extra ``env``); return wall time, peak RSS and what it printed as JSON."""
     # The child reports its own VmHWM: getrusage/wait4 maxrss would include the RSS this parent had
     # when it forked (Linux keeps it across exec), which is several GB after making a checkpoint.
     code += "\nimport json as _j\nprint(_j.dumps({'__hwm_kb': int([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])}))"
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    full_env = {**os.environ, **(env or {})}
+    proc = subprocess.run([python, "-c", code], check=False, cwd=REPO, stdout=subprocess.PIPE, text=True, env=full_env)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark child failed ({proc.returncode}): {code[:200]}")
@@ -76,6 +79,30 @@ def run_child(code: str) -> dict[str, Any]:
     return {"wall_s": round(wall, 3), "peak_rss_gib": round(hwm * 1024 / GIB, 3), **extra}
 
 
+
+
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One engine's alternating runs summarised: median of every number, and the runs themselves."""
+    keys = [k for k, v in runs[0].items() if isinstance(v, (int, float))]
+    return {**{k: statistics.median(r[k] for r in runs) for k in keys}, "runs": runs}
+
+
+class LoadGenerator:
+    """``n`` busy-looping processes (a synthetic CPU load) while the ``with`` block runs."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def __enter__(self) -> Self:
+        self.procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(self.n)]
+        time.sleep(0.5)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for p in self.procs:
+            p.kill()
+            p.wait()
 
 
 def write_result(path: str | Path, result: dict[str, Any]) -> None:

@@ -269,6 +269,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--lib", help="host (llvm) model library")
     ap.add_argument("--chat-config")
     ap.add_argument("--gguf-type", choices=GGUF_PEER_TYPES, help="evaluate a gguf peer instead of a bundle")
+    # llama.cpp's own inference as a peer row (#15; neox_mlc/llamacpp.py, needs the optional llama-cpp-python)
+    ap.add_argument("--llama-cpp-type", choices=["F16", "Q8_0", "Q4_0"], help="evaluate llama.cpp itself on its GGUF of this type")
     ap.add_argument("--window", type=int, default=256, help="evaluation window for gguf peers (bundles use their context window)")
     ap.add_argument("--text")
     ap.add_argument("--hf-dataset")
@@ -279,7 +281,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = ap.parse_args(argv)
     text = load_text(a.text, a.hf_dataset, a.split)
     model_dir = Path(a.model_dir)
-    if a.gguf_type:
+    if a.llama_cpp_type:
+        from neox_mlc.llamacpp import evaluate_llama_cpp
+
+        result = evaluate_llama_cpp(model_dir, Path(a.tokenizer), a.llama_cpp_type, text, a.window, a.max_tokens)
+    elif a.gguf_type:
         result = evaluate_gguf(model_dir, Path(a.tokenizer), a.gguf_type, text, a.window, a.max_tokens)
     else:
         if not (a.params and a.lib and a.chat_config):

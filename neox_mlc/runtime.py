@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
+import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,72 @@ from neox_mlc.common import WorkflowError, read_json, usable_cpus
 from neox_mlc.tensor_cache import verify_cache
 
 PAGE_SIZE = 16
+# TVM's pool: worker threads pinned one per core cannot leave a core another process is using, and
+# each worker spins 300000 sched_yield()s after every kernel; both hurt on a shared machine.
+POOL_ENV = {"TVM_BIND_THREADS": "0", "TVM_THREAD_POOL_SPIN_COUNT": "10000"}
+CLEAR_RATIO = 1.5  # ThreadChooser ends a probe early when one count is this much slower
+_BIG_CORES = 1  # tvm::runtime::threading::ThreadGroup::kBig: every worker, no affinity change
+
+
+class ThreadChooser:
+    """Choose the decode thread count that is fastest *now*, re-checking every ``period`` steps.
+
+    Why: TVM's pool splits every parallel loop statically into one equal share per thread, and the
+    step waits for the slowest share. When another process holds one of the CPUs, that share runs
+    at a fraction of its speed and N threads fall far below one (measured on 2 shared CPUs: 1.2 vs
+    5.1 tok/s). So decode times a few steps at each candidate count, interleaved, and keeps the one
+    with the smallest median; the probe is repeated so that a load that comes or goes is followed.
+    The thread count changes only which thread computes which rows: the results are bit-identical.
+    """
+
+    def __init__(self, candidates: Sequence[int], probe_steps: int = 2, period: int = 48) -> None:
+        if not candidates or min(candidates) < 1:
+            raise WorkflowError(f"thread candidates {list(candidates)} must be positive counts")
+        self.candidates = sorted(set(candidates), reverse=True)
+        self.probe_steps, self.period = probe_steps, period
+        self.choice = self.candidates[0]
+        self._plan: list[int] = []
+        self._times: dict[int, list[float]] = {}
+        self._until_probe = 0
+
+    def next_threads(self) -> int:
+        """Threads for the next step (starts a probe when one is due)."""
+        if not self._plan and self._until_probe <= 0 and len(self.candidates) > 1:
+            self._plan = [c for _ in range(self.probe_steps) for c in self.candidates]
+            self._times = {c: [] for c in self.candidates}
+        return self._plan[0] if self._plan else self.choice
+
+    def record(self, threads: int, seconds: float) -> None:
+        """The step just run with ``threads`` took ``seconds``."""
+        if self._plan:
+            self._times[threads].append(seconds)
+            self._plan.pop(0)
+            if self._plan and len(self._plan) % len(self.candidates) == 0 and self._clear_winner():
+                self._plan = []  # a slow count is not tried again just to confirm it is slow
+            if not self._plan:
+                self.choice = min(self.candidates, key=lambda c: statistics.median(self._times[c]))
+                self._until_probe = self.period
+        else:
+            self._until_probe -= 1
+
+
+    def _clear_winner(self) -> bool:
+        """After a full round of the probe: is the slowest count already ``CLEAR_RATIO`` × the fastest?"""
+        medians = [statistics.median(self._times[c]) for c in self.candidates]
+        return max(medians) >= CLEAR_RATIO * min(medians)
+
+
+def _pool_threads(value: str) -> int:
+    """TVM_NUM_THREADS as a count (TVM reads 0 or less as one thread)."""
+    try:
+        return max(1, int(value))
+    except ValueError:
+        raise WorkflowError(f"TVM_NUM_THREADS={value!r} is not a thread count; allowed: a positive integer") from None
+
+
+def thread_candidates(n: int) -> list[int]:
+    """All threads, half of them, one: the counts decode probes (deduplicated)."""
+    return sorted({n, max(1, n // 2), 1}, reverse=True)
 
 
 class ModelRuntime:
@@ -26,8 +95,11 @@ class ModelRuntime:
 
     def __init__(self, lib: str | Path, params_dir: str | Path, chat_config: str | Path | None = None, device: str = "cpu") -> None:
         # TVM's thread pool counts physical cores, which is 1 on 2-vCPU machines; use every CPU
-        # this process may run on.
+        # this process may run on (TVM reads these once, when its pool starts).
         os.environ.setdefault("TVM_NUM_THREADS", str(usable_cpus()))
+        for key, value in POOL_ENV.items():
+            os.environ.setdefault(key, value)
+        self.max_threads = _pool_threads(os.environ["TVM_NUM_THREADS"])  # checked before anything is loaded
         import tvm
         from tvm import relax
         from tvm.contrib import tvmjs
@@ -57,6 +129,17 @@ class ModelRuntime:
         )
         self._f_add(self.kv, 0)
         self.length = 0
+        self.threads = self.max_threads
+        self._config_pool = tvm.get_global_func("runtime.config_threadpool")
+        adaptive = os.environ.get("NEOX_MLC_ADAPTIVE_THREADS", "1") != "0"
+        self.chooser = ThreadChooser(thread_candidates(self.max_threads) if adaptive else [self.max_threads])
+
+    def set_threads(self, n: int) -> None:
+        """Run the following kernels on ``n`` threads of TVM's pool (at most TVM_NUM_THREADS)."""
+        n = max(1, min(n, self.max_threads))
+        if n != self.threads:
+            self._config_pool(_BIG_CORES, n)
+            self.threads = n
 
     def reset(self) -> None:
         """Forget the sequence (the KV cache is reused)."""
@@ -86,11 +169,16 @@ class ModelRuntime:
         """Feed one token; return float32 logits ``[vocab]``."""
         self._check_room(1)
         tvm = self.tvm
+        threads = self.chooser.next_threads()
+        self.set_threads(threads)
+        start = time.perf_counter()
         self._f_begin(self.kv, tvm.runtime.ShapeTuple([0]), tvm.runtime.ShapeTuple([1]))
         logits, _ = self.vm["decode"](self._embed([token]), self.kv, self.params)
         self._f_end(self.kv)
+        out = logits.numpy().reshape(-1)
+        self.chooser.record(threads, time.perf_counter() - start)
         self.length += 1
-        return logits.numpy().reshape(-1)
+        return out
 
     def prefill_all_logits(self, ids: list[int]) -> np.ndarray:
         """Logits for every position of ``ids`` (``batch_verify``), for perplexity; ``[len, vocab]``."""
@@ -110,3 +198,44 @@ class ModelRuntime:
             self.length += len(chunk)
             out.append(logits.numpy())
         return out
+
+
+def kernel_profile(rt: ModelRuntime, steps: int = 16, prompt: int = 128) -> dict[str, Any]:
+    """CPU milliseconds per decode step spent in each VM call (kernel or builtin), after a ``prompt``-token prefill.
+
+    Why CPU time (the calling thread's, ``time.thread_time``) rather than wall time: on a shared
+    machine wall time includes the time this process waits for a CPU, which swamps the kernels'
+    own differences; run it with TVM_NUM_THREADS=1 so that all the work is on the timed thread.
+    The instrument's own Python callback adds a few microseconds to every call.
+    """
+    import collections
+
+    spent: dict[str, float] = collections.defaultdict(float)
+    calls: collections.Counter[str] = collections.Counter()
+    began: dict[str, float] = {}
+
+    def instrument(func: Any, name: str, before: bool, ret: Any, *args: Any) -> int:
+        if before:
+            began[name] = time.thread_time()
+        else:
+            spent[name] += time.thread_time() - began[name]
+            calls[name] += 1
+        return 0
+
+    rt.reset()
+    logits = rt.prefill([5 + (i * 7) % 200 for i in range(prompt)])
+    rt.vm.set_instrument(instrument)
+    start = time.thread_time()
+    try:
+        for _ in range(steps):
+            logits = rt.decode(int(logits.argmax()))
+    finally:
+        rt.vm.set_instrument(None)
+    total = (time.thread_time() - start) / steps
+    kernels = sorted(spent.items(), key=lambda kv: -kv[1])
+    return {
+        "steps": steps,
+        "threads": rt.threads,
+        "step_cpu_ms": round(total * 1e3, 3),
+        "kernels": [{"name": k, "cpu_ms_per_step": round(v / steps * 1e3, 3), "calls_per_step": calls[k] // steps} for k, v in kernels],
+    }

@@ -145,6 +145,46 @@ def test_decode_after_prefill_equals_fresh_prefill(quant, bundle, prompt_ids):
     assert np.abs(stepped - fresh).max() < (1e-5 if quant == "q0f32" else 5e-3)
 
 
+def test_decode_switching_thread_counts_is_bit_identical_and_reaches_tvm(bundle, prompt_ids):
+    """The adaptive thread count (runtime.ThreadChooser) moves rows between threads, nothing else."""
+    import tvm
+
+    rt = _runtime(bundle, "q4f16_0")
+    if rt.max_threads < 2:
+        pytest.skip("needs 2 usable CPUs")
+    num_threads = tvm.get_global_func("runtime.NumThreads")
+    rt.set_threads(1)
+    assert num_threads() == 1
+    rt.chooser.candidates = [1]  # fixed: one thread
+    logits, fixed = rt.prefill(prompt_ids), []
+    for _ in range(6):
+        fixed.append(rt.decode(int(logits.argmax())))
+        logits = fixed[-1]
+    rt.reset()
+    rt.chooser = type(rt.chooser)([rt.max_threads, 1], probe_steps=1, period=0)  # a probe every step: 2, 1, 2, ...
+    seen = set()
+    logits = rt.prefill(prompt_ids)
+    for want in fixed:
+        seen.add(rt.chooser.next_threads())
+        logits = rt.decode(int(logits.argmax()))
+        assert np.array_equal(logits, want)
+    assert seen == {1, rt.max_threads} and num_threads() in seen
+
+
+def test_kernel_profile_names_the_kernels_of_a_decode_step(bundle):
+    from neox_mlc.runtime import kernel_profile
+
+    rt = _runtime(bundle, "q4f16_0")
+    r = kernel_profile(rt, steps=2, prompt=8)
+    by_name = {k["name"]: k for k in r["kernels"]}
+    head = [k for n, k in by_name.items() if "NT_matmul" in n and k["calls_per_step"] == 1]
+    assert head, f"no output-head matmul among {sorted(by_name)}"
+    layers = rt.chat_config["model_config"]["num_hidden_layers"]
+    assert by_name["vm.builtin.attention_kv_cache_attention_with_fused_qkv"]["calls_per_step"] == layers
+    assert sum(k["cpu_ms_per_step"] for k in r["kernels"]) <= r["step_cpu_ms"] + 0.05
+    assert rt.decode(5).shape == (rt.chat_config["vocab_size"],)  # the instrument is removed afterwards
+
+
 def _lowered_kernels(cfg, device):
     """(kernel names each Relax function calls, PrimFuncs) of the library as compile.build lowers it."""
     import tvm

@@ -1,0 +1,241 @@
+"""llama.cpp as a peer: GGUF written from the same checkpoint, and llama.cpp's own speed and logits.
+
+Why a module of its own: the benchmarks and the quality report put this project beside llama.cpp,
+measured on the same machine, the same checkpoint and the same token ids. llama.cpp's own
+``convert_hf_to_gguf.py`` (llama-cpp-python 0.3.36) fails on GPT-NeoX under transformers 5
+(``KeyError: 'rotary_pct'``), so :func:`write_gguf` writes the F16 GGUF with the ``gguf`` package,
+doing what that converter's ``GPTNeoXModel`` does (same tensor names and hyper-parameters, and the
+same regrouping of the fused QKV from per-head ``[q k v]`` to ``[all q, all k, all v]``); Q4_0 and
+Q8_0 then come from llama.cpp's own quantizer (which keeps the output head in Q6_K for Q4_0, as
+its files do). The GGUF carries no vocabulary (``tokenizer.ggml.model = "none"``): every
+measurement feeds token ids.
+
+``llama-cpp-python`` is an optional extra: it compiles llama.cpp from source (10–40 min), so it
+lives in its own virtual environment (``LLAMA_PYTHON``, default ``/work/llamavenv/bin/python``)
+and the child entry points here (``python -m neox_mlc.llamacpp speed|logits|quantize``) import
+nothing but the standard library, numpy and ``llama_cpp``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+_REPO = Path(__file__).resolve().parent.parent
+DEFAULT_PYTHON = "/work/llamavenv/bin/python"
+FTYPES = {"F16": 1, "Q8_0": 7, "Q4_0": 2}  # llama_ftype values (llama.h)
+
+
+def llama_python() -> str | None:
+    """The interpreter that has ``llama_cpp``, or None when the optional extra is not installed."""
+    import subprocess
+
+    exe = os.environ.get("LLAMA_PYTHON", DEFAULT_PYTHON)
+    if not Path(exe).is_file():
+        return None
+    ok = subprocess.run([exe, "-c", "import llama_cpp"], capture_output=True, check=False).returncode == 0
+    return exe if ok else None
+
+
+def _regroup_qkv(w: np.ndarray, heads: int) -> np.ndarray:
+    """HF's fused QKV rows are per head ``[q k v]``; llama.cpp's are ``[all q, all k, all v]``."""
+    rows = w.reshape(heads, 3, -1, *w.shape[1:])
+    return np.concatenate([rows[:, i].reshape(-1, *w.shape[1:]) for i in range(3)], axis=0)
+
+
+def _gguf_names(layers: int) -> dict[str, str]:
+    """HF GPT-NeoX tensor name → llama.cpp's (``gguf.TensorNameMap`` for MODEL_ARCH.GPTNEOX)."""
+    names = {"gpt_neox.embed_in.weight": "token_embd.weight", "embed_out.weight": "output.weight"}
+    for part in ("weight", "bias"):
+        names[f"gpt_neox.final_layer_norm.{part}"] = f"output_norm.{part}"
+        for i in range(layers):
+            hf, gg = f"gpt_neox.layers.{i}.", f"blk.{i}."
+            for src, dst in (
+                ("input_layernorm", "attn_norm"), ("attention.query_key_value", "attn_qkv"), ("attention.dense", "attn_output"),
+                ("post_attention_layernorm", "ffn_norm"), ("mlp.dense_h_to_4h", "ffn_up"), ("mlp.dense_4h_to_h", "ffn_down"),
+            ):
+                names[hf + f"{src}.{part}"] = gg + f"{dst}.{part}"
+    return names
+
+
+def write_gguf(model_dir: str | Path, out: str | Path) -> Path:
+    """F16 GGUF of a GPT-NeoX checkpoint (1-D tensors float32, as llama.cpp's converter writes them)."""
+    import gguf
+
+    from neox_mlc.common import atomic_path
+    from neox_mlc.hf_checkpoint import TensorIndex, load_arch
+
+    arch, _ = load_arch(model_dir)
+    index = TensorIndex(model_dir)
+    names = _gguf_names(arch.num_hidden_layers)
+    if "embed_out.weight" not in index:  # tied head: the embedding is the output head too
+        names.pop("embed_out.weight")
+    with atomic_path(out) as tmp:
+        w = gguf.GGUFWriter(str(tmp), "gptneox")
+        w.add_context_length(arch.max_position_embeddings)
+        w.add_embedding_length(arch.hidden_size)
+        w.add_block_count(arch.num_hidden_layers)
+        w.add_feed_forward_length(arch.intermediate_size)
+        w.add_rope_dimension_count(int(arch.rotary_pct * arch.head_dim))
+        w.add_rope_freq_base(float(arch.rotary_emb_base))
+        w.add_head_count(arch.num_attention_heads)
+        w.add_parallel_residual(arch.use_parallel_residual)
+        w.add_layer_norm_eps(arch.layer_norm_eps)
+        w.add_file_type(FTYPES["F16"])
+        w.add_tokenizer_model("none")
+        w.add_vocab_size(arch.vocab_size)
+        for hf, gg in names.items():
+            t = index.read(hf)
+            if "attention.query_key_value" in hf:
+                t = _regroup_qkv(t, arch.num_attention_heads)
+            t = t.astype(np.float16 if t.ndim == 2 else np.float32)
+            w.add_tensor(gg, np.ascontiguousarray(t))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    return Path(out)
+
+
+# ---- children: run under the llama.cpp interpreter (stdlib, numpy, llama_cpp only) ----
+
+
+def _llama_cpp() -> Any:
+    """The optional extra, present only in the llama.cpp interpreter."""
+    try:
+        import llama_cpp
+    except ImportError:
+        raise RuntimeError(f"llama_cpp is not importable by {sys.executable}: run this under LLAMA_PYTHON") from None
+    return llama_cpp
+
+
+def quantize(src: str, dst: str, ftype: str) -> None:
+    """llama.cpp's own quantizer (``llama_model_quantize``), as its ``llama-quantize`` tool runs it."""
+    llama_cpp = _llama_cpp()
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = FTYPES[ftype]
+    params.nthread = 2
+    tmp = dst + ".tmp"
+    if llama_cpp.llama_model_quantize(src.encode(), tmp.encode(), params) != 0:
+        raise RuntimeError(f"llama.cpp could not quantize {src} to {ftype}")
+    os.replace(tmp, dst)
+
+
+def _load(path: str, threads: int, n_ctx: int, all_logits: bool):  # returns llama_cpp.Llama
+    return _llama_cpp().Llama(model_path=path, n_ctx=n_ctx, n_batch=512, n_threads=threads, n_threads_batch=threads,
+                           logits_all=all_logits, verbose=False, seed=0)
+
+
+def speed(path: str, prompt: int, decode: int, threads: int) -> dict[str, float]:
+    """Prefill and greedy decode tokens/s, the same prompt ids as neox_mlc.evaluate.speed."""
+    llm = _load(path, threads, prompt + decode + 8, False)
+    ids = [5 + (i * 7) % 200 for i in range(prompt)]
+    llm.eval(ids[:8])  # warm-up, as the library's own measurement does
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(ids)
+    t1 = time.perf_counter()
+    for _ in range(decode):
+        llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+    t2 = time.perf_counter()
+    return {"prompt_tokens": prompt, "decode_tokens": decode, "prefill_tok_s": prompt / (t1 - t0), "decode_tok_s": decode / (t2 - t1)}
+
+
+def logits(path: str, windows: Sequence[Sequence[int]], out: str, threads: int) -> None:
+    """float32 logits of every position of each window (evaluated independently), concatenated, as .npy."""
+    llm = _load(path, threads, max(len(w) for w in windows) + 8, True)
+    parts = []
+    for w in windows:
+        llm.reset()
+        llm.eval(list(w))
+        parts.append(np.asarray(llm.scores[: len(w)], dtype=np.float32))
+    np.save(out, np.concatenate(parts))
+
+
+def evaluate_llama_cpp(model_dir: str | Path, tokenizer: str | Path, gtype: str, text: str, window: int, max_tokens: int) -> dict[str, Any]:
+    """A quality-report row from llama.cpp's own inference of its ``gtype`` GGUF (same windows, same reference).
+
+    Why beside the numpy-quantizer rows: those pass weights through gguf's quantizer into
+    transformers; these run llama.cpp's kernels (its Q4_0 file keeps the head in Q6_K, and its
+    matmuls quantize activations to 8 bits), which is what a llama.cpp user gets.
+    """
+    import subprocess
+    import tempfile
+
+    from tokenizers import Tokenizer
+
+    from neox_mlc.common import WorkflowError
+    from neox_mlc.evaluate import compare, eval_windows, stack_windows
+    from neox_mlc.reference import hf_logits, load_hf_model
+
+    python = llama_python()
+    if python is None:
+        raise WorkflowError(f"llama.cpp rows need llama-cpp-python in {os.environ.get('LLAMA_PYTHON', DEFAULT_PYTHON)} (LLAMA_PYTHON)")
+    if gtype not in FTYPES:
+        raise WorkflowError(f"llama.cpp type {gtype!r} is not one of {', '.join(FTYPES)}")
+    tok = Tokenizer.from_file(str(tokenizer))
+    windows = eval_windows(tok.encode(text, add_special_tokens=False).ids, window, max_tokens)
+    ref = load_hf_model(Path(model_dir))
+    ref_logits, targets = stack_windows(lambda w: hf_logits(ref, w), windows)
+    with tempfile.TemporaryDirectory() as tmp:
+        f16 = write_gguf(model_dir, Path(tmp) / "F16.gguf")
+        model = f16
+        if gtype != "F16":
+            model = Path(tmp) / f"{gtype}.gguf"
+            subprocess.run([python, "-m", "neox_mlc.llamacpp", "quantize", str(f16), str(model), gtype], check=True, cwd=_REPO, capture_output=True)
+        (Path(tmp) / "ids.json").write_text(json.dumps(windows))
+        subprocess.run([python, "-m", "neox_mlc.llamacpp", "logits", str(model), str(Path(tmp) / "ids.json"), str(Path(tmp) / "out.npy")],
+                       check=True, cwd=_REPO, capture_output=True)
+        flat = np.load(Path(tmp) / "out.npy")
+        nbytes = model.stat().st_size
+    starts = np.cumsum([0] + [len(w) for w in windows])
+    test_logits = np.concatenate([flat[a : b - 1] for a, b in itertools.pairwise(starts)])
+    numel = sum(int(np.prod(i.shape)) for i in _tensor_shapes(model_dir))
+    return {"method": f"llama.cpp {gtype}", "quantization": gtype, "bits_per_param": nbytes * 8 / numel, "params_bytes_on_disk": nbytes,
+            **compare(ref_logits, test_logits, targets)}
+
+
+def _tensor_shapes(model_dir: str | Path) -> list[Any]:
+    from neox_mlc.hf_checkpoint import TensorIndex
+
+    return list(TensorIndex(model_dir).tensors.values())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="llama.cpp children (run with the llama-cpp-python interpreter)")
+    sub = ap.add_subparsers(dest="verb", required=True)
+    q = sub.add_parser("quantize")
+    q.add_argument("src")
+    q.add_argument("dst")
+    q.add_argument("ftype", choices=sorted(FTYPES))
+    s = sub.add_parser("speed")
+    s.add_argument("gguf")
+    s.add_argument("--prompt", type=int, default=128)
+    s.add_argument("--decode", type=int, default=64)
+    s.add_argument("--threads", type=int, default=2)
+    lg = sub.add_parser("logits")
+    lg.add_argument("gguf")
+    lg.add_argument("ids", help="JSON file with a list of windows (lists of token ids)")
+    lg.add_argument("out")
+    lg.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args(argv)
+    if a.verb == "quantize":
+        quantize(a.src, a.dst, a.ftype)
+    elif a.verb == "speed":
+        print(json.dumps(speed(a.gguf, a.prompt, a.decode, a.threads)))
+    else:
+        logits(a.gguf, json.loads(Path(a.ids).read_text()), a.out, a.threads)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
