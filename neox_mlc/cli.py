@@ -25,6 +25,7 @@ VERBS = {
     "evaluate": "evaluate",
     "summarize": "summarize",
     "chat": "chat",
+    "verify": "verify",
     "bench_convert": "bench_convert",
     "bench_runtime": "bench_runtime",
 }
