@@ -28,6 +28,7 @@ VERBS = {
     "verify": "verify",
     "bench_convert": "bench_convert",
     "bench_runtime": "bench_runtime",
+    "bench_verify": "bench_verify",
 }
 
 
