@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
-
 from conftest import REPO, copy_workflow, run_snakemake
 
 QUANT = "q4f16_0"
@@ -33,7 +32,7 @@ def cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None, 
     """``neox-mlc ARGS`` in a fresh interpreter (this checkout's package first on the path)."""
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     cmd = [sys.executable, "-m", "neox_mlc.cli", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=full_env, timeout=timeout)
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=full_env, timeout=timeout, check=False)
 
 
 def refused(proc: subprocess.CompletedProcess, *fragments: str) -> str:
@@ -156,7 +155,7 @@ def made(tmp_path_factory, fixtures_dir, compiled) -> dict[str, Path]:
     paths["bundle_args"] = root / "bundle_args.json"
     args = ["package", "bundle", "--model-id", "m", "--params", "params", "--chat-config", "params/mlc-chat-config.json",
             "--tokenizer", "tok", "--lib", str(lib), "--app-config", "app-config.json", "--mlc-app-config", "mlc-app-config.json",
-            "--snapshot", "snap/snapshot.json", "--model", "m", "--quantization", QUANT, "--max-seq-len", "128", "--target", "llvm"]
+            "--snapshot", "snap/snapshot.json", "--model", "m", "--target", "llvm"]
     paths["bundle_args"].write_text(json.dumps(args))
     ok(*args, "-o", "dist")
     paths["root"] = root
@@ -204,7 +203,7 @@ def test_verify_names_a_flipped_byte_in_a_params_folder(flipped):
 
 def test_verify_bundle_entry_script(flipped):
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "verify_bundle.py"), str(flipped)],
-                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, check=False)
     refused(proc, "is corrupt")
 
 
@@ -320,8 +319,8 @@ def edit_config(model: Path, **fields: Any) -> None:
 @pytest.mark.parametrize(
     "fields,fragments",
     [
-        ({"hidden_size": 128}, ["tensor gpt_neox.embed_in.weight", "[1024, 64]", "implies [1024, 128]"]),
-        ({"vocab_size": 1_000_000_000}, ["tensor gpt_neox.embed_in.weight", "implies [1000000000, 64]"]),
+        ({"hidden_size": 128}, ["has shape [1024, 64]", "config.json implies [1024, 128]"]),
+        ({"vocab_size": 1_000_000_000}, ["has shape [1024, 64]", "config.json implies [1000000000, 64]"]),
         ({"num_hidden_layers": -3}, ["num_hidden_layers is -3", "integer >= 1"]),
         ({"num_hidden_layers": 1}, ["gpt_neox.layers.1.", "num_hidden_layers is 1"]),
         ({"num_attention_heads": 0}, ["num_attention_heads is 0", "integer >= 1"]),
