@@ -201,6 +201,16 @@ def test_verify_names_a_flipped_byte_in_a_params_folder(flipped):
     refused(cli("verify", str(flipped / "bundle" / "m")), "params_shard_0.bin is corrupt", "md5")
 
 
+def test_verify_names_a_missing_or_an_unlisted_file(made, tmp_path):
+    bundle = tmp_path / "dist"
+    shutil.copytree(made["dist"], bundle)
+    (bundle / "bundle" / "m" / "extra.bin").write_bytes(b"x")
+    refused(cli("verify", str(bundle)), "extra.bin is not in MANIFEST.json")
+    (bundle / "bundle" / "m" / "extra.bin").unlink()
+    (bundle / "bundle" / "m" / "tokenizer.json").unlink()
+    refused(cli("verify", str(bundle)), "tokenizer.json listed in MANIFEST.json is missing")
+
+
 def test_verify_bundle_entry_script(flipped):
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "verify_bundle.py"), str(flipped)],
                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, check=False)
