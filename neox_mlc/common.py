@@ -226,58 +226,6 @@ def check_free_space(directory: str | os.PathLike[str], need_bytes: int, what: s
         )
 
 
-HUB_ATTEMPTS = 3  # tries per hub call; with the default 10 s timeout a silent hub fails in ~33 s
-
-
-def configure_hub() -> float:
-    """Give every huggingface_hub request a connect and read timeout; return it in seconds.
-
-    Why: huggingface_hub's shared HTTP client has no timeout of its own (only file downloads use
-    ``HF_HUB_DOWNLOAD_TIMEOUT``), so a hub that accepts the connection and never answers hangs the
-    fetch forever. The timeout is huggingface_hub's own setting ``HF_HUB_ETAG_TIMEOUT`` (default 10 s).
-    """
-    from huggingface_hub import constants, set_client_factory
-    from huggingface_hub.utils._http import default_client_factory
-
-    seconds = float(constants.HF_HUB_ETAG_TIMEOUT)
-
-    def client() -> Any:
-        made = default_client_factory()
-        made.timeout = seconds
-        return made
-
-    set_client_factory(client)
-    return seconds
-
-
-def hub_call(call: Callable[[], Any], what: str, timeout_s: float, attempts: int = HUB_ATTEMPTS) -> Any:
-    """Run one hub request with bounded retries; a network failure becomes one line naming the hub.
-
-    Why: a transient network error deserves a retry, a dead or silent hub a prompt, clear stop.
-    """
-    import time
-
-    import httpx2  # huggingface_hub's HTTP client
-    from huggingface_hub import constants
-    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
-
-    last: Exception | None = None
-    for attempt in range(1, attempts + 1):
-        try:
-            return call()
-        except (HfHubHTTPError, OfflineModeIsEnabled) as err:  # an answer, not silence: no retry
-            raise WorkflowError(f"{what}: {str(err).splitlines()[0]}") from None
-        except (httpx2.TransportError, OSError) as err:
-            last = err
-            if attempt < attempts:
-                time.sleep(attempt)
-    detail = str(last).splitlines()[0] if last is not None and str(last) else type(last).__name__
-    raise WorkflowError(
-        f"{what}: the Hugging Face hub at {constants.ENDPOINT} could not be reached or did not answer ({type(last).__name__}: {detail}) "
-        f"in {attempts} attempts with a {timeout_s:g} s timeout (HF_HUB_ETAG_TIMEOUT); check the network or HF_ENDPOINT"
-    )
-
-
 def run_mlc_llm(argv: list[str]) -> None:
     """Run the real MLC-LLM CLI (``backend: mlc_llm``), or stop naming the missing tool."""
     import subprocess

@@ -26,8 +26,6 @@ from neox_mlc.common import (
     atomic_path,
     check_free_space,
     check_output,
-    configure_hub,
-    hub_call,
     run_cli,
     sha256_file,
     write_json,
@@ -67,6 +65,8 @@ def allow_patterns(repo_files: list[str]) -> list[str]:
 def download(repo: str, revision: str, dest: Path) -> str:
     """Download into ``dest``; returns the resolved commit sha."""
     from huggingface_hub import HfApi, snapshot_download
+
+    from neox_mlc.hub import configure_hub, hub_call
 
     import fnmatch
 

@@ -380,7 +380,7 @@ def silent_endpoint():
 
 
 def test_silent_hub_fails_promptly_with_one_line(silent_endpoint, tmp_path):
-    from neox_mlc.common import HUB_ATTEMPTS
+    from neox_mlc.hub import HUB_ATTEMPTS
 
     env = {"HF_ENDPOINT": silent_endpoint, "HF_HUB_ETAG_TIMEOUT": "2", "HF_HUB_OFFLINE": "0"}
     start = time.monotonic()
