@@ -10,7 +10,11 @@ min_version("9.0")
 configfile: "config.yaml"
 
 
-from neox_mlc.workflow_config import stop_on_bad_config, validate_config
+from neox_mlc.workflow_config import (
+    report_failed_jobs,
+    stop_on_bad_config,
+    validate_config,
+)
 
 stop_on_bad_config(
     validate_config, config, Path(workflow.basedir) / "config" / "config.schema.yaml"
@@ -28,6 +32,10 @@ include: "rules/config.smk"
 include: "rules/compile.smk"
 include: "rules/package.smk"
 include: "rules/evaluate.smk"
+
+
+onerror:
+    report_failed_jobs(log)
 
 
 localrules:

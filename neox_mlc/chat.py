@@ -10,6 +10,7 @@ one turn non-interactively for scripts and tests; without it, lines from stdin a
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from neox_mlc.common import WorkflowError, read_json, run_cli
+from neox_mlc.verify import verify_bundle
 
 
 def format_prompt(template: dict[str, Any], history: list[tuple[str, str]], user_message: str) -> str:
@@ -55,6 +57,7 @@ class Chat:
         from neox_mlc.runtime import ModelRuntime
 
         bundle = Path(bundle)
+        verify_bundle(bundle)  # every file against MANIFEST.json's sha256, before anything is loaded
         libs = sorted((bundle / "lib").glob("*-llvm.so")) + sorted((bundle / "lib").glob("*-cpu.so"))
         if not libs:
             raise WorkflowError(f"bundle {bundle} has no host library (*-llvm.so); add llvm to extra_targets")
@@ -63,7 +66,7 @@ class Chat:
         self.config = read_json(model_dir / "mlc-chat-config.json", "chat config")
         self.template = self.config["conv_template"]
         self.tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-        self.runtime = ModelRuntime(libs[0], model_dir)
+        self.runtime = ModelRuntime(libs[0], model_dir, verify=False)  # its shards were just verified
         self.history: list[tuple[str, str]] = []
 
     def encode(self, text: str) -> list[int]:
@@ -105,6 +108,16 @@ class Chat:
         self.history.append((message, emitted))
 
 
+def check_generation_args(prompt: str | None, max_tokens: int, temperature: float) -> None:
+    """Refuse values that would silently produce nothing or crash mid-sampling, before loading a model."""
+    if max_tokens < 1:
+        raise WorkflowError(f"--max-tokens {max_tokens} is out of range; allowed: an integer >= 1")
+    if prompt is not None and not prompt.strip():
+        raise WorkflowError("--prompt is empty; allowed: a non-empty message")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise WorkflowError(f"--temperature {temperature} is out of range; allowed: a finite number >= 0 (0 = greedy)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("bundle", help="dist/<model>-<quant> directory")
@@ -113,6 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
+    check_generation_args(a.prompt, a.max_tokens, a.temperature)
     chat = Chat(a.bundle)
     turns = [a.prompt] if a.prompt is not None else (line.rstrip("\n") for line in sys.stdin)
     for turn in turns:

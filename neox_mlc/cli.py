@@ -25,8 +25,10 @@ VERBS = {
     "evaluate": "evaluate",
     "summarize": "summarize",
     "chat": "chat",
+    "verify": "verify",
     "bench_convert": "bench_convert",
     "bench_runtime": "bench_runtime",
+    "bench_verify": "bench_verify",
 }
 
 

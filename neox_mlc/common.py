@@ -35,28 +35,129 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
     sys.exit(code or 0)
 
 
+OUTPUT_MARK = ".neox-mlc-output"
+# Files a directory output may hold besides what its step recorded (Snakemake stamps directory outputs).
+_TOLERATED = frozenset({OUTPUT_MARK, ".snakemake_timestamp"})
+
+
+def check_apart(output: str | os.PathLike[str], inputs: Sequence[str | os.PathLike[str]]) -> None:
+    """Refuse an output that is, lies inside, or contains one of the step's inputs.
+
+    Why: publishing an output replaces what is at its path, so ``-o MODEL_DIR`` or ``-o .`` would
+    otherwise delete the checkpoint being converted or the user's working directory.
+    """
+    out = Path(output).resolve()
+    for item in inputs:
+        src = Path(item).resolve()
+        if out == src:
+            raise WorkflowError(f"output {output} is the input {item}; choose a separate output path")
+        if src in out.parents:
+            raise WorkflowError(f"output {output} lies inside the input {item}; choose a path outside it")
+        if out in src.parents:
+            raise WorkflowError(f"output {output} contains the input {item}; choose a separate output path")
+
+
+def _recorded_files(folder: Path) -> set[str] | None:
+    """The files a step recorded when it published ``folder``, or None if no step of ours made it."""
+    try:
+        mark = json.loads((folder / OUTPUT_MARK).read_text(encoding="utf-8"))
+        return {str(f) for f in mark["files"]} | {OUTPUT_MARK}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _step_of(folder: Path) -> str | None:
+    try:
+        return str(json.loads((folder / OUTPUT_MARK).read_text(encoding="utf-8"))["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def check_replaceable(target: str | os.PathLike[str], step: str | None) -> None:
+    """Refuse to publish over anything this step did not make itself.
+
+    A file output may replace a file (``-o FILE`` means that). A folder output (``step`` given) may
+    replace an empty folder, or one whose marker says the same step wrote it and that holds nothing
+    else; anything else at the path belongs to the user and is refused with one line.
+    """
+    path = Path(target)
+    if not os.path.lexists(path):
+        return
+    if step is None:
+        if path.is_dir():
+            raise WorkflowError(f"output {target} is a folder; expected a file path")
+        return
+    if path.is_symlink() or not path.is_dir():
+        raise WorkflowError(f"output {target} exists and is not a folder; refusing to replace it (give a new or empty folder)")
+    entries = {str(p.relative_to(path)) for p in path.rglob("*") if not p.is_dir()}
+    if not entries:
+        return
+    recorded = _recorded_files(path)
+    made_by = _step_of(path)
+    if recorded is None or made_by != step:
+        why = "was not written by this step" if recorded is None else f"was written by {made_by}, not {step}"
+        raise WorkflowError(f"output folder {target} is not empty and {why}; refusing to replace it (give a new or empty folder)")
+    foreign = sorted(entries - recorded - _TOLERATED)
+    if foreign:
+        raise WorkflowError(
+            f"output folder {target} holds {foreign[0]} ({len(foreign)} file(s)) that {step} did not write; "
+            "refusing to replace it (move them away or give a new folder)"
+        )
+
+
+def check_output(
+    target: str | os.PathLike[str], step: str | None = None, inputs: Sequence[str | os.PathLike[str]] = ()
+) -> None:
+    """Both refusals of :func:`atomic_path`, for a step to run before its long work starts."""
+    check_apart(target, inputs)
+    check_replaceable(target, step)
+
+
 @contextlib.contextmanager
-def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_path(
+    target: str | os.PathLike[str], step: str | None = None, inputs: Sequence[str | os.PathLike[str]] = ()
+) -> Iterator[Path]:
     """Yield a temporary sibling path; rename it onto ``target`` only if the block succeeds.
 
-    Works for files and directories. The temp name sits in the same directory so the final
-    ``os.replace`` is atomic on one filesystem; on failure the temp is removed.
+    Files: give no ``step``. Folders: ``step`` names the step making it; the published folder gets a
+    marker (``.neox-mlc-output``: step and file list) so a rerun of that step may replace it, while a
+    folder the user made, or one holding files the step did not write, is refused before any work
+    (and checked again just before the swap). ``inputs`` are refused as or around the output. The
+    temp name sits in the same directory so the final ``os.replace`` is atomic on one filesystem;
+    on failure the temp is removed and the old output is untouched.
     """
-    target = Path(target)
+    target = Path(os.path.abspath(target))
+    check_apart(target, inputs)
+    check_replaceable(target, step)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     tmp.rmdir()
     try:
         yield tmp
-        if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        if step is not None:
+            if not tmp.is_dir():
+                raise WorkflowError(f"step {step} produced no folder for {target}")
+            files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if not p.is_dir())
+            (tmp / OUTPUT_MARK).write_text(json.dumps({"step": step, "files": files}, indent=1) + "\n", encoding="utf-8")
+        check_replaceable(target, step)
+        _publish(tmp, target)
     except BaseException:
-        if tmp.is_dir():
+        if tmp.is_dir() and not tmp.is_symlink():
             shutil.rmtree(tmp, ignore_errors=True)
-        elif tmp.exists():
+        elif os.path.lexists(tmp):
             tmp.unlink()
         raise
+
+
+def _publish(tmp: Path, target: Path) -> None:
+    """Swap ``tmp`` in: an old folder output is first renamed aside, so no moment lacks one."""
+    if target.is_dir() and not target.is_symlink():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+        os.replace(target, old / "x")
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
 
 
 def usable_cpus() -> int:

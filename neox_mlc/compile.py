@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 
-from neox_mlc.common import WorkflowError, atomic_path, read_json, run_cli, run_mlc_llm
-from neox_mlc.layout import LIB_EXT, TARGETS
+from neox_mlc.common import WorkflowError, atomic_path, check_output, read_json, run_cli, run_mlc_llm
+from neox_mlc.layout import LIB_EXT, TARGETS, UNBUILDABLE
 from neox_mlc.quantization import get_quantization
 
 _APPLE_GPU = {"kind": "metal", "max_threads_per_block": 256, "max_shared_memory_per_block": 32768, "thread_warp_size": 1}
@@ -66,7 +66,7 @@ def make_target(device: str, host_cpu: str | None = None) -> Any:
         return Target(_APPLE_GPU, host=HOSTS[device])
     if device == "cuda":
         return Target({"kind": "cuda", "arch": "sm_90"}, host="llvm")
-    raise WorkflowError(f"device {device!r} cannot be built with this TVM: the PyPI apache-tvm 0.26 has no SPIR-V (Vulkan) codegen")
+    raise WorkflowError(f"device {device!r} cannot be built with this TVM: {UNBUILDABLE.get(device, 'no codegen')}")
 
 
 def metadata(chat_config: dict[str, Any], params: list[tuple[str, Any]], memory_usage: dict[str, int]) -> dict[str, Any]:
@@ -279,6 +279,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     a = parse_args(argv)
+    check_output(a.output, None, [a.model])
     if a.backend == "mlc_llm":
         run_mlc_llm(mlc_llm_argv(a.model, a.device, a.output, a.system_lib_prefix))
         return 0

@@ -17,6 +17,7 @@ Peak memory: one source tensor plus its quantization temporaries, processed in r
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import sys
 from collections.abc import Sequence
@@ -31,7 +32,9 @@ import numpy as np
 from neox_mlc.common import (
     WorkflowError,
     atomic_path,
+    check_apart,
     check_free_space,
+    check_output,
     md5_file,
     read_json,
     run_cli,
@@ -44,6 +47,7 @@ from neox_mlc.quantization import QUANTIZATIONS, Quantization, get_quantization,
 from neox_mlc.tensor_cache import DEFAULT_SHARD_CAP_MB, ShardPlan, encode, plan_shards, verify_cache, write_index, write_shard
 
 _ROW_BLOCK_ELEMS = 1 << 20  # ~1 M elements per block: temporaries stay in cache, memory stays bounded
+STEP = "convert_weight"  # marks the params folders this step publishes (see common.atomic_path)
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,24 @@ def _source(weight: str, arch: NeoXArch) -> str:
     return weight
 
 
+_LAYER_RE = re.compile(r"^gpt_neox\.layers\.(\d+)\.")
+
+
+def check_no_extra_layers(arch: NeoXArch, index: TensorIndex) -> None:
+    """A checkpoint with more layers than its config.json would convert into a model missing them.
+
+    Why: the library is built from config.json, so the extra layers would silently be dropped and
+    the bundle would answer differently from the checkpoint, with no error anywhere.
+    """
+    for name in index.tensors:
+        match = _LAYER_RE.match(name)
+        if match and int(match.group(1)) >= arch.num_hidden_layers:
+            raise WorkflowError(
+                f"tensor {name} belongs to layer {match.group(1)}, but config.json num_hidden_layers is "
+                f"{arch.num_hidden_layers}; the checkpoint has more layers than its config"
+            )
+
+
 def plan_params(arch: NeoXArch, index: TensorIndex, quant: Quantization) -> list[ParamSpec]:
     """The model's parameters, each with its source tensor, in MLC's order (source file, then name).
 
@@ -104,6 +126,7 @@ def plan_params(arch: NeoXArch, index: TensorIndex, quant: Quantization) -> list
     if missing:
         files = ", ".join(p.name for p in index.files)
         raise WorkflowError(f"checkpoint is missing tensor {missing[0]} ({len(missing)} missing) in {files}")
+    check_no_extra_layers(arch, index)
     ordered: list[str] = []
     for path in index.files:
         ordered += sorted(n for n, info in index.tensors.items() if info.file == path and n in parts)
@@ -130,9 +153,16 @@ def metadata_for(specs: list[ParamSpec]) -> dict[str, Any]:
 
 
 def build_plan(
-    model_dir: str | Path, quant_name: str, shard_cap_mb: int = DEFAULT_SHARD_CAP_MB, index: TensorIndex | None = None
+    model_dir: str | Path,
+    quant_name: str,
+    shard_cap_mb: int = DEFAULT_SHARD_CAP_MB,
+    index: TensorIndex | None = None,
+    allow_non_finite: bool = False,
 ) -> dict[str, Any]:
-    """Everything needed to write the cache, as JSON-able data (``index`` is reused when given)."""
+    """Everything needed to write the cache, as JSON-able data (``index`` is reused when given).
+
+    ``allow_non_finite`` travels in the plan so that the per-shard jobs honour the same choice.
+    """
     quant = get_quantization(quant_name)
     arch, _ = load_arch(model_dir)
     index = index or TensorIndex(model_dir)
@@ -145,7 +175,25 @@ def build_plan(
         "params": [asdict(s) for s in specs],
         "shards": [{"dataPath": s.data_path, "records": s.records} for s in shards],
         "metadata": metadata_for(specs),
+        "allow_non_finite": allow_non_finite,
     }
+
+
+def check_finite(name: str, value: np.ndarray) -> None:
+    """Stop on NaN or ±Inf in a source tensor, naming it and how many values are bad.
+
+    Why: quantization turns one NaN into a NaN scale for its whole group, and the bundle then
+    answers garbage without a word; counted in row blocks so no full-size mask is allocated.
+    """
+    if value.dtype.kind != "f":
+        return
+    flat = value.reshape(-1)
+    bad = sum(int(np.count_nonzero(~np.isfinite(flat[i : i + _ROW_BLOCK_ELEMS]))) for i in range(0, flat.size, _ROW_BLOCK_ELEMS))
+    if bad:
+        raise WorkflowError(
+            f"tensor {name} has {bad} non-finite value(s) (NaN or Inf) of {flat.size}; "
+            "fix the checkpoint, or pass --allow-non-finite to convert it anyway"
+        )
 
 
 def _reorder_qkv(value: np.ndarray, heads: int) -> np.ndarray:
@@ -193,6 +241,7 @@ class _Converter:
         self.heads = plan["num_attention_heads"]
         self.index = index
         self.specs = {p["name"]: ParamSpec(**p) for p in plan["params"]}
+        self.allow_non_finite = bool(plan.get("allow_non_finite", False))
         self._pair: tuple[str, np.ndarray, np.ndarray] | None = None
 
     def tensor(self, name: str) -> np.ndarray:
@@ -213,6 +262,8 @@ class _Converter:
 
     def _source(self, name: str) -> np.ndarray:
         value = self.index.read(name)
+        if not self.allow_non_finite:
+            check_finite(name, value)
         if ".attention.query_key_value." in name:
             value = _reorder_qkv(value, self.heads)
         return value
@@ -289,13 +340,19 @@ def _convert_pipelined(plan: dict[str, Any], out_dir: Path, index: TensorIndex, 
 
 
 def convert(
-    model_dir: str | Path, quant_name: str, out_dir: str | Path, shard_cap_mb: int = DEFAULT_SHARD_CAP_MB, threads: int | None = None
+    model_dir: str | Path,
+    quant_name: str,
+    out_dir: str | Path,
+    shard_cap_mb: int = DEFAULT_SHARD_CAP_MB,
+    threads: int | None = None,
+    allow_non_finite: bool = False,
 ) -> dict[str, Any]:
     """The whole conversion in one process, published atomically into ``out_dir``."""
+    check_output(out_dir, STEP, [model_dir])
     index = TensorIndex(model_dir)
-    plan = build_plan(model_dir, quant_name, shard_cap_mb, index)
+    plan = build_plan(model_dir, quant_name, shard_cap_mb, index, allow_non_finite)
     check_free_space(Path(out_dir).parent, planned_bytes(plan), f"{quant_name} params")
-    with atomic_path(out_dir) as tmp:
+    with atomic_path(out_dir, STEP, [model_dir]) as tmp:
         tmp.mkdir(parents=True)
         md5s = _convert_pipelined(plan, tmp, index, threads)
         write_plan_index(plan, tmp, md5s)
@@ -308,7 +365,7 @@ def plan_from_mlc_llm(model_dir: str | Path, quant_name: str, staging: str | Pat
     The shard and index steps copy MLC's files into place instead of converting, so the workflow's
     graph (and its rerun behaviour) is the same for both backends.
     """
-    with atomic_path(staging) as tmp:
+    with atomic_path(staging, "convert_weight (mlc_llm)", [model_dir]) as tmp:
         run_mlc_llm(mlc_llm_argv(str(model_dir), quant_name, str(tmp)))
         index = verify_cache(tmp, check_md5=True)
     return {
@@ -347,6 +404,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     step.add_argument("--shard", type=int, metavar="N", help="only write shard N (needs --plan)")
     step.add_argument("--index", action="store_true", help="only verify shards and write the index (needs --plan)")
     ap.add_argument("--plan", help="plan JSON written by --plan-only")
+    ap.add_argument("--allow-non-finite", action="store_true", help="convert tensors holding NaN/Inf instead of stopping")
     ap.add_argument("--backend", choices=["native", "mlc_llm"], default="native", help="mlc_llm: run the real MLC-LLM converter")
     return ap.parse_args(argv)
 
@@ -354,11 +412,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     get_quantization(args.quantization)
+    check_apart(args.output, [args.config])
+    if args.plan_only:
+        check_apart(args.plan_only, [args.config])
     if args.plan_only:
         if args.backend == "mlc_llm":
             plan = plan_from_mlc_llm(args.config, args.quantization, Path(args.plan_only).with_name("mlc_llm-params"))
         else:
-            plan = build_plan(args.config, args.quantization, args.shard_cap_mb)
+            plan = build_plan(args.config, args.quantization, args.shard_cap_mb, allow_non_finite=args.allow_non_finite)
         write_json(args.plan_only, plan)
         return 0
     if args.shard is not None or args.index:
@@ -372,7 +433,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             convert_shard(plan, args.shard, args.output, threads=args.threads)
         return 0
-    plan = convert(args.config, args.quantization, args.output, args.shard_cap_mb, args.threads)
+    plan = convert(args.config, args.quantization, args.output, args.shard_cap_mb, args.threads, args.allow_non_finite)
     print(f"wrote {len(plan['shards'])} shard(s), {len(plan['params'])} tensors to {args.output}")
     return 0
 

@@ -20,7 +20,16 @@ from pathlib import Path
 from typing import Any
 
 
-from neox_mlc.common import WorkflowError, atomic_path, check_free_space, run_cli, sha256_file, write_json
+from neox_mlc.common import (
+    OUTPUT_MARK,
+    WorkflowError,
+    atomic_path,
+    check_free_space,
+    check_output,
+    run_cli,
+    sha256_file,
+    write_json,
+)
 from neox_mlc.hf_checkpoint import load_arch
 
 CONFIG_PATTERNS = ["config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json", "spiece.model", "*.model", "vocab.*", "merges.txt", "added_tokens.json"]
@@ -57,25 +66,34 @@ def download(repo: str, revision: str, dest: Path) -> str:
     """Download into ``dest``; returns the resolved commit sha."""
     from huggingface_hub import HfApi, snapshot_download
 
+    from neox_mlc.hub import configure_hub, hub_call
+
     import fnmatch
 
-    info = HfApi().model_info(repo, revision=revision, files_metadata=True)
+    timeout = configure_hub()
+    what = f"model info of {repo}@{revision}"
+    info = hub_call(lambda: HfApi().model_info(repo, revision=revision, files_metadata=True, timeout=timeout), what, timeout)
     siblings = info.siblings or []
     patterns = allow_patterns([s.rfilename for s in siblings])
     need = sum(s.size or 0 for s in siblings if any(fnmatch.fnmatch(s.rfilename, p) for p in patterns))
     check_free_space(dest.parent, need, f"the {repo} snapshot")
-    snapshot_download(repo_id=repo, revision=info.sha, local_dir=dest, allow_patterns=patterns)
+    hub_call(
+        lambda: snapshot_download(repo_id=repo, revision=info.sha, local_dir=dest, allow_patterns=patterns, etag_timeout=timeout),
+        f"download of {repo}@{info.sha}", timeout, attempts=1,  # file downloads retry and resume by themselves
+    )
     return str(info.sha)
 
 
 def fetch(out_dir: Path, repo: str | None, revision: str, local_path: Path | None) -> dict[str, Any]:
     """Materialise the snapshot atomically and return its provenance record."""
-    with atomic_path(out_dir) as tmp:
+    inputs = [local_path] if local_path is not None else []
+    check_output(out_dir, "fetch_model", inputs)
+    with atomic_path(out_dir, "fetch_model", inputs) as tmp:
         tmp.mkdir(parents=True)
         if local_path is not None:
             check_checkpoint(local_path)
             for item in sorted(local_path.iterdir()):
-                if item.is_file():
+                if item.is_file() and item.name != OUTPUT_MARK:
                     _link_or_copy(item, tmp / item.name)
             source, resolved = str(local_path), revision
         else:

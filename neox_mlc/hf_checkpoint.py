@@ -10,7 +10,9 @@ model touches kilobytes.
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import mmap
 import struct
 from dataclasses import dataclass
@@ -25,6 +27,12 @@ from neox_mlc.neox_config import NeoXConfig
 SUPPORTED_ARCHITECTURES = ("GPTNeoXForCausalLM",)
 _SAFETENSORS_DTYPES = {"F16": "float16", "F32": "float32", "BF16": "bfloat16", "F64": "float64"}
 _ITEMSIZE = {"float16": 2, "float32": 4, "bfloat16": 2, "float64": 8}
+# Bytes per element of every safetensors dtype, to check a header's byte ranges even for tensors
+# (buffers) the converter does not use.
+_ST_ITEMSIZE = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+}
 
 
 @dataclass(frozen=True)
@@ -87,16 +95,26 @@ def arch_from_config(cfg: dict[str, Any], where: str = "config.json") -> NeoXArc
             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise WorkflowError(f"{where}: rope_parameters is {rope!r}; allowed: an object")
     rotary_pct = _get(cfg, "rotary_pct", "partial_rotary_factor", default=rope.get("partial_rotary_factor"))
     base = _get(cfg, "rotary_emb_base", "rope_theta", default=rope.get("rope_theta"))
     missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size") if k not in cfg]
     if missing:
         raise WorkflowError(f"{where}: missing required GPT-NeoX fields {missing}")
+    _check_numbers(cfg, where)
     if cfg["hidden_size"] % cfg["num_attention_heads"]:
         raise WorkflowError(
             f"{where}: hidden_size {cfg['hidden_size']} is not divisible by num_attention_heads "
             f"{cfg['num_attention_heads']}"
         )
+    try:
+        return _arch(cfg, rotary_pct, base)
+    except (TypeError, ValueError, IndexError) as err:
+        raise WorkflowError(f"{where}: a field has the wrong type ({err})") from None
+
+
+def _arch(cfg: dict[str, Any], rotary_pct: Any, base: Any) -> NeoXArch:
     eos = cfg.get("eos_token_id", 2)
     return NeoXArch(
         hidden_size=int(cfg["hidden_size"]),
@@ -117,10 +135,35 @@ def arch_from_config(cfg: dict[str, Any], where: str = "config.json") -> NeoXArc
     )
 
 
+# Integer fields that must be at least 1, and float fields that must be finite and positive.
+_POSITIVE_INTS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size", "max_position_embeddings")
+_POSITIVE_FLOATS = ("rotary_pct", "partial_rotary_factor", "rotary_emb_base", "rope_theta", "layer_norm_eps")
+
+
+def _check_numbers(cfg: dict[str, Any], where: str) -> None:
+    """Refuse sizes that would build a library that fails (or lacks layers) only at run time."""
+    for key in _POSITIVE_INTS:
+        value = cfg.get(key)
+        if value is None and key not in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise WorkflowError(f"{where}: {key} is {value!r}; allowed: an integer >= 1")
+    for key in _POSITIVE_FLOATS:
+        value = cfg.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+            raise WorkflowError(f"{where}: {key} is {value!r}; allowed: a finite number > 0")
+    if isinstance(cfg.get("rotary_pct"), (int, float)) and cfg["rotary_pct"] > 1:
+        raise WorkflowError(f"{where}: rotary_pct is {cfg['rotary_pct']!r}; allowed: 0 < rotary_pct <= 1")
+
+
 def load_arch(model_dir: str | Path) -> tuple[NeoXArch, dict[str, Any]]:
     """Read and validate ``MODEL_DIR/config.json``."""
     path = Path(model_dir) / "config.json"
     cfg = read_json(path, "model config.json")
+    if not isinstance(cfg, dict):
+        raise WorkflowError(f"model config.json {path} is a JSON {type(cfg).__name__}, not an object")
     return arch_from_config(cfg, str(path)), cfg
 
 
@@ -146,6 +189,12 @@ def _weight_files(model_dir: Path) -> list[Path]:
 
 
 def _safetensors_index(path: Path) -> list[TensorInfo]:
+    """Read and validate a safetensors header before any tensor byte is read.
+
+    Why: the converter trusts these offsets to slice the file; a header whose byte ranges overlap,
+    run past the data or disagree with shape × dtype would silently feed one tensor's bytes into
+    another. Every such fault stops here with one line naming the file and the tensor.
+    """
     size = path.stat().st_size
     with open(path, "rb") as handle:
         head = handle.read(8)
@@ -158,21 +207,63 @@ def _safetensors_index(path: Path) -> list[TensorInfo]:
             header = json.loads(handle.read(hlen))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise WorkflowError(f"weight file {path} has a corrupt safetensors header") from None
+    if not isinstance(header, dict):
+        raise WorkflowError(f"weight file {path}: safetensors header is a JSON {type(header).__name__}, not an object")
+    data_size = size - 8 - hlen
     out = []
     for name, meta in header.items():
         if name == "__metadata__":
             continue
-        dtype = _SAFETENSORS_DTYPES.get(meta["dtype"])
-        if dtype is None:
-            raise WorkflowError(f"{path}: tensor {name} has unsupported dtype {meta['dtype']}")
-        start, end = meta["data_offsets"]
-        if 8 + hlen + end > size:
+        start, end, dtype, shape = _header_entry(path, name, meta)
+        if end > data_size:
             raise WorkflowError(
-                f"weight file {path} is truncated: tensor {name} needs bytes up to {8 + hlen + end}, "
-                f"file has {size}"
+                f"weight file {path} is truncated: tensor {name} needs bytes up to {8 + hlen + end}, file has {size}"
             )
-        out.append(TensorInfo(name, path, dtype, tuple(meta["shape"]), 8 + hlen + start, end - start))
+        out.append(TensorInfo(name, path, dtype, shape, 8 + hlen + start, end - start))
+    _check_no_overlap(path, out)
     return out
+
+
+def _header_entry(path: Path, name: str, meta: Any) -> tuple[int, int, str, tuple[int, ...]]:
+    """One header entry as (start, end, dtype, shape), or a one-line error saying what is wrong."""
+    where = f"weight file {path}: tensor {name}"
+    if not isinstance(meta, dict):
+        raise WorkflowError(f"{where}: header entry is not an object")
+    missing = [k for k in ("dtype", "shape", "data_offsets") if k not in meta]
+    if missing:
+        raise WorkflowError(f"{where}: header entry lacks {', '.join(missing)}")
+    st_dtype = meta["dtype"]
+    if not isinstance(st_dtype, str) or st_dtype not in _ST_ITEMSIZE:
+        raise WorkflowError(f"{where}: dtype {st_dtype!r} is not a safetensors dtype")
+    shape, offsets = meta["shape"], meta["data_offsets"]
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise WorkflowError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
+        raise WorkflowError(f"{where}: data_offsets {offsets!r} is not [start, end] of non-negative integers")
+    start, end = offsets
+    if end < start:
+        raise WorkflowError(f"{where}: data_offsets [{start}, {end}] are reversed")
+    need = math.prod(shape) * _ST_ITEMSIZE[st_dtype]
+    if end - start != need:
+        raise WorkflowError(
+            f"{where}: shape {shape} of {st_dtype} needs {need} bytes, data_offsets [{start}, {end}] hold {end - start}"
+        )
+    dtype = _SAFETENSORS_DTYPES.get(st_dtype)
+    if dtype is None:
+        raise WorkflowError(f"{where} has unsupported dtype {st_dtype}; allowed: {', '.join(_SAFETENSORS_DTYPES)}")
+    return start, end, dtype, tuple(shape)
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_no_overlap(path: Path, infos: list[TensorInfo]) -> None:
+    """Two tensors sharing bytes means at least one of them is read from the wrong place."""
+    spans = sorted((i.offset, i.offset + i.nbytes, i.name) for i in infos if i.nbytes)
+    for (_, end, first), (start, _, second) in itertools.pairwise(spans):
+        if start < end:
+            raise WorkflowError(f"weight file {path}: tensor {second} overlaps tensor {first} (byte {start} < {end})")
 
 
 def _torch_index(path: Path) -> list[TensorInfo]:
@@ -202,6 +293,9 @@ class TensorIndex:
         for path in self.files:
             infos = _safetensors_index(path) if path.suffix == ".safetensors" else _torch_index(path)
             for info in infos:
+                if info.name in self.tensors:
+                    first = self.tensors[info.name].file
+                    raise WorkflowError(f"weight file {path}: tensor {info.name} is already defined in {first}")
                 self.tensors[info.name] = info
         self._torch_cache: dict[Path, Any] = {}
         self._maps: dict[Path, mmap.mmap] = {}

@@ -12,6 +12,8 @@ import re
 # archive of objects for Xcode to link; others: a shared library the host can dlopen).
 LIB_EXT = {"llvm": "so", "cpu": "so", "cuda": "so", "vulkan": "so", "iphone": "tar", "metal": "tar"}
 TARGETS = tuple(LIB_EXT)
+# Targets named for MLC compatibility that this machine's TVM cannot build, and why: refused at planning.
+UNBUILDABLE = {"vulkan": "the PyPI apache-tvm 0.26 has no SPIR-V (Vulkan) codegen"}
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 

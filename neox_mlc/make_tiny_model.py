@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 
-from neox_mlc.common import WorkflowError, atomic_path, run_cli, usable_cpus
+from neox_mlc.common import WorkflowError, atomic_path, check_output, run_cli, usable_cpus
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<NL>"]  # ids 0..4; LINE's stop ids [3, 0] = pad, unk
 
@@ -71,12 +71,13 @@ def make_model(
     threads: int | None = None,
 ) -> None:
     """Write the whole checkpoint directory atomically (``threads``: torch's, default up to 2)."""
+    check_output(out, "make_tiny_model", [corpus])
     import torch
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     torch.manual_seed(seed)
     torch.set_num_threads(threads or min(2, usable_cpus()))
-    with atomic_path(out) as tmp:
+    with atomic_path(out, "make_tiny_model", [corpus]) as tmp:
         tmp.mkdir(parents=True)
         reached = train_tokenizer(corpus, vocab_size, tmp)
         padded_vocab = -(-max(reached, vocab_size) // 64) * 64

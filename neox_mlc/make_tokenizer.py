@@ -14,12 +14,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 
-from neox_mlc.common import WorkflowError, atomic_path, run_cli
+from neox_mlc.common import WorkflowError, atomic_path, check_output, run_cli
 
+STEP = "make_tokenizer"
 PROBE = "ユーザー: 日本の首都はどこですか?"
 
 
 def make_tokenizer(model_dir: Path, out_dir: Path) -> None:
+    check_output(out_dir, STEP, [model_dir])
     from transformers import AutoTokenizer
 
     try:
@@ -31,7 +33,7 @@ def make_tokenizer(model_dir: Path, out_dir: Path) -> None:
     ids = tok(PROBE, add_special_tokens=False)["input_ids"]
     if tok.decode(ids).strip() != PROBE.strip():
         raise WorkflowError(f"tokenizer from {model_dir} does not round-trip Japanese text: {tok.decode(ids)!r}")
-    with atomic_path(out_dir) as tmp:
+    with atomic_path(out_dir, STEP, [model_dir]) as tmp:
         tok.save_pretrained(str(tmp), legacy_format=False)
         if not (tmp / "tokenizer.json").is_file():
             raise WorkflowError("save_pretrained wrote no tokenizer.json")

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 
-from neox_mlc.common import WorkflowError, atomic_path, read_json, run_cli, sha256_file, write_json
+from neox_mlc.common import WorkflowError, atomic_path, check_output, read_json, run_cli, sha256_file, write_json
 from neox_mlc.tensor_cache import verify_cache
 
 _DTYPE_BYTES = {"float16": 2, "float32": 4}
@@ -105,9 +105,11 @@ def make_bundle(
     provenance: dict[str, Any],
 ) -> dict[str, Any]:
     """Assemble the bundle atomically and return its manifest."""
+    inputs = [params, chat_config, tokenizer, *libs, app_config, mlc_app_config, snapshot]
+    check_output(out, "package", inputs)
     index = verify_cache(params, check_md5=True)
     cfg = read_json(chat_config, "chat config")
-    with atomic_path(out) as tmp:
+    with atomic_path(out, "package", inputs) as tmp:
         model_dir = tmp / "bundle" / model_id
         _place(params / "tensor-cache.json", model_dir / "tensor-cache.json")
         if (params / "tensor-cache-b16.json").is_file():
@@ -177,6 +179,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cache = verify_cache(a.params)
         cfg = read_json(a.chat_config, "chat config")
         seed, mlc = app_configs(a.model_id, a.model_lib, a.model_url, cache, cfg)
+        for out in (a.seed_out, a.mlc_out):
+            check_output(out, None, [a.params, a.chat_config])
         write_json(a.seed_out, seed)
         write_json(a.mlc_out, mlc)
         return 0

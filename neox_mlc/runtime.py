@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from neox_mlc.common import WorkflowError, read_json, usable_cpus
-from neox_mlc.tensor_cache import verify_cache
+from neox_mlc.verify import verify_params
 
 PAGE_SIZE = 16
 # TVM's pool: worker threads pinned one per core cannot leave a core another process is using, and
@@ -93,7 +93,13 @@ def thread_candidates(n: int) -> list[int]:
 class ModelRuntime:
     """One sequence (id 0) on one device: prefill a prompt, then decode token by token."""
 
-    def __init__(self, lib: str | Path, params_dir: str | Path, chat_config: str | Path | None = None, device: str = "cpu") -> None:
+    def __init__(
+        self, lib: str | Path, params_dir: str | Path, chat_config: str | Path | None = None, device: str = "cpu", verify: bool = True
+    ) -> None:
+        """``verify``: check every shard's md5 against tensor-cache.json first (False only when the
+        caller has just verified the same files, e.g. the chat runner against MANIFEST.json)."""
+        if verify:
+            verify_params(params_dir)
         # TVM's thread pool counts physical cores, which is 1 on 2-vCPU machines; use every CPU
         # this process may run on (TVM reads these once, when its pool starts).
         os.environ.setdefault("TVM_NUM_THREADS", str(usable_cpus()))
@@ -110,7 +116,6 @@ class ModelRuntime:
         self.metadata: dict[str, Any] = json.loads(str(self.vm["_metadata"]()))
         cfg_path = Path(chat_config) if chat_config else Path(params_dir) / "mlc-chat-config.json"
         self.chat_config = read_json(cfg_path, "chat config")
-        verify_cache(params_dir)
         loaded, _ = tvmjs.load_tensor_cache(str(params_dir), self.dev)
         missing = [p["name"] for p in self.metadata["params"] if p["name"] not in loaded]
         if missing:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 
-from neox_mlc.common import atomic_path, read_json, run_cli
+from neox_mlc.common import atomic_path, check_output, read_json, run_cli
 
 COLUMNS = [
     "method", "quantization", "bits_per_param", "params_bytes_on_disk", "ppl", "ppl_reference", "delta_ppl", "ppl_ratio",
@@ -76,6 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--png", required=True)
     ap.add_argument("--title", default="")
     a = ap.parse_args(argv)
+    for out in (a.csv, a.png):
+        check_output(out, None, a.reports)
     table = rows([Path(p) for p in a.reports])
     write_csv(Path(a.csv), table)
     plot(Path(a.png), table, a.title)

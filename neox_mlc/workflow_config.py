@@ -8,14 +8,15 @@ against the registries (quantizations, targets, templates) and ``max_seq_len`` a
 
 from __future__ import annotations
 
-import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
 from neox_mlc.common import WorkflowError
-from neox_mlc.layout import TARGETS, snapshot_dir
+from neox_mlc.hf_checkpoint import load_arch
+from neox_mlc.layout import TARGETS, UNBUILDABLE, snapshot_dir
 from neox_mlc.neox_config import check_context_window
 from neox_mlc.quantization import QUANTIZATIONS
 from neox_mlc.templates import validate_template
@@ -25,12 +26,13 @@ def model_max_positions(name: str, spec: dict[str, Any], root: Path) -> int | No
     """``max_position_embeddings`` if known before any job runs (generated, local or fetched)."""
     if "generate" in spec:
         return int(spec["generate"]["max_position_embeddings"])
-    candidates = [root / snapshot_dir(name) / "config.json"]
+    candidates = [root / snapshot_dir(name)]
     if "local_path" in spec:
-        candidates.insert(0, Path(spec["local_path"]) / "config.json")
-    for path in candidates:
-        if path.is_file():
-            return int(json.loads(path.read_text()).get("max_position_embeddings", 2048))
+        candidates.insert(0, Path(spec["local_path"]))
+    for folder in candidates:
+        if (folder / "config.json").is_file():
+            # the whole architecture is checked here, so a malformed config.json is named at planning
+            return load_arch(folder)[0].max_position_embeddings
     return None
 
 
@@ -42,6 +44,9 @@ def check_config(config: dict[str, Any], root: Path) -> None:
     for t in [config["target"], *config.get("extra_targets", [])]:
         if t not in TARGETS:
             raise WorkflowError(f"unknown target {t!r} in config; allowed: {', '.join(TARGETS)}")
+        if t in UNBUILDABLE:
+            buildable = ", ".join(x for x in TARGETS if x not in UNBUILDABLE)
+            raise WorkflowError(f"target {t!r} cannot be built here ({UNBUILDABLE[t]}); allowed: {buildable}")
     models = config["models"]
     for name in config["build_models"]:
         if name not in models:
@@ -122,3 +127,71 @@ def stop_on_bad_config(check: Any, *args: Any) -> None:
     except WorkflowError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+_ERROR_BLOCK = re.compile(r"^Error in rule (?P<rule>\S+):\s*$")
+_TRACEBACK = "Traceback (most recent call last):"
+
+
+def failed_job_logs(snakemake_log: str) -> list[tuple[str, str, list[str]]]:
+    """``(rule, wildcards, job logs)`` of every "Error in rule" block of Snakemake's own log."""
+    out: list[tuple[str, str, list[str]]] = []
+    current: list[Any] | None = None
+    for line in snakemake_log.splitlines():
+        match = _ERROR_BLOCK.match(line)
+        if match:
+            current = [match.group("rule"), "", []]
+            out.append(current)  # type: ignore[arg-type]
+            continue
+        if current is None:
+            continue
+        if not line.startswith("    "):
+            current = None
+            continue
+        key, _, value = line.strip().partition(": ")
+        if key == "wildcards":
+            current[1] = value
+        elif key == "log":
+            logs = value.split(" (check log file")[0]
+            current[2] = [p.strip() for p in logs.split(",") if p.strip()]
+    return [(r, w, logs) for r, w, logs in out]
+
+
+def cause_line(log_text: str) -> str | None:
+    """The line of a job's log that says why it failed: our one-line ``error:``, else a traceback's last line."""
+    lines = [ln.rstrip() for ln in log_text.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("error: ")]
+    if errors:
+        return errors[-1].removeprefix("error: ")
+    if _TRACEBACK in lines:
+        tail = lines[len(lines) - 1 - lines[::-1].index(_TRACEBACK) :]
+        unindented = [ln for ln in tail[1:] if not ln.startswith(" ")]
+        if unindented:
+            return unindented[-1]
+    return lines[-1] if lines else None
+
+
+def report_failed_jobs(log: Any, stream: Any = None) -> None:
+    """``onerror``: print one line per failed job, naming the rule and the cause from its log.
+
+    Why: Snakemake's error block only points at the job's log file; the user should read the cause
+    (e.g. "name resolution failed", "tensor X has shape ...") on the console without opening it.
+    """
+    stream = stream or sys.stderr
+    paths = [log] if isinstance(log, (str, os.PathLike)) else list(log or [])
+    for path in paths:
+        try:
+            text = Path(path).read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            continue
+        for rule, wildcards, logs in failed_job_logs(text):
+            causes = []
+            for job_log in logs:
+                try:
+                    cause = cause_line(Path(job_log).read_text(encoding="utf-8", errors="replace"))
+                except OSError:
+                    continue
+                if cause:
+                    causes.append(f"{cause[:400]} (log: {job_log})")
+            where = f"rule {rule}" + (f" ({wildcards})" if wildcards else "")
+            print(f"error: {where}: {causes[-1] if causes else 'failed; its log has no error line'}", file=stream)

@@ -9,7 +9,6 @@ import os
 
 from neox_mlc import layout
 from neox_mlc.codedeps import code_inputs
-from neox_mlc.common import WorkflowError
 from neox_mlc.quantization import GGUF_PEER_TYPES, QUANTIZATIONS
 from neox_mlc.workflow_config import (
     check_config,
@@ -151,7 +150,7 @@ def not_a_bundle():
 
 def reject_bundle(wildcards):
     allowed = ", ".join(layout.bundle_id(m, q) for m in MODELS for q in QUANTIZATIONS)
-    raise WorkflowError(
+    raise WorkflowError(  # Snakemake's own class: the Snakefile shares snakemake.workflow's namespace
         f"unknown bundle dist/{wildcards.bundle}; allowed: dist/<model>-<quant> with {allowed}"
     )
 

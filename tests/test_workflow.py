@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from conftest import WORKFLOW_SOURCES, copy_workflow, run_snakemake
-from neox_mlc.common import sha256_file
+from neox_mlc.common import OUTPUT_MARK, sha256_file
 
 REAL = "japanese-large-lm-3.6b-instruction-sft"
 TINY = "tiny-neox-ja"
@@ -89,7 +89,8 @@ def test_tiny_build_produces_complete_bundles(tiny_build):
     for quant in ("q0f16", "q4f16_0"):
         dist = tiny_build / "dist" / f"{TINY}-{quant}"
         manifest = json.loads((dist / "MANIFEST.json").read_text())
-        files = {str(p.relative_to(dist)) for p in dist.rglob("*") if p.is_file()} - {"MANIFEST.json", ".snakemake_timestamp"}  # the latter is Snakemake's directory-output marker
+        # unlisted: the manifest itself, Snakemake's directory-output stamp and the package step's output marker
+        files = {str(p.relative_to(dist)) for p in dist.rglob("*") if p.is_file()} - {"MANIFEST.json", ".snakemake_timestamp", OUTPUT_MARK}
         assert set(manifest["files"]) == files
         for rel, rec in manifest["files"].items():
             assert sha256_file(dist / rel) == rec["sha256"] and (dist / rel).stat().st_size == rec["size"]
