@@ -551,6 +551,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     c.add_argument("--bundle", action="append", required=True, help="a built dist/<model>-<quant> directory (repeat)")
     c.add_argument("--package-config", help="an mlc-package-config.json whose entries (in --bundle order) set bundle_weight, model and estimated_vram_bytes")
     c.add_argument("-o", "--output", required=True)
+    v = sub.add_parser("vram", help="estimated_vram_bytes of a compiled library, its three terms and the iPhone fit")
+    v.add_argument("lib", help="a compiled model library (.tar or .so)")
+    v.add_argument("--chat-config", help="mlc-chat-config.json, for symbolic dimensions in the metadata")
     return ap.parse_args(argv)
 
 
@@ -563,6 +566,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             check_output(out, None, [a.lib, *([a.chat_config] if a.chat_config else [])])
         write_json(a.seed_out, seed)
         write_json(a.mlc_out, mlc)
+        return 0
+    if a.verb == "vram":
+        est = estimate_vram(library_metadata(Path(a.lib)), read_json(a.chat_config, "chat config") if a.chat_config else None)
+        report = {"library": a.lib, "estimated_vram_bytes": est.total, "params": est.params, "temporary": est.temporary,
+                  "kv_cache": est.kv_cache, "context_window_size": est.context_window_size, "devices": fit_table(est.total)}
+        print(json.dumps(report, indent=2))
         return 0
     if a.verb == "app":
         overrides = None

@@ -81,7 +81,7 @@ def download_url(spec: dict[str, Any], model: str, quant: str, bundle_weight: bo
         return None
     if not spec.get("model_url"):
         raise WorkflowError(
-            f"bundle_weight false (download on device) needs models.{model}.model_url: where "
+            f"bundle_weight False (download on device) needs models.{model}.model_url: where "
             f"bundle/{model}-{quant}/ is uploaded, e.g. https://huggingface.co/<you>/{model}-{{quant}}-MLC"
         )
     return spec["model_url"].replace("{quant}", quant)

@@ -9,6 +9,7 @@ read Mach-O as Apple's toolchain does; a test needing one that is missing says s
 
 from __future__ import annotations
 
+import glob
 import json
 import shutil
 import subprocess
@@ -39,7 +40,8 @@ NAMES = [("line-3.6b-v2.1-sft", "q4f16_0"), ("Qwen2.5-0.5B", "q0f16")]
 
 
 def tool(name: str) -> str:
-    path = shutil.which(name) or shutil.which(f"{name}-14")
+    versioned = sorted(glob.glob(f"/usr/bin/{name}-[0-9]*"), key=lambda p: int(p.rsplit("-", 1)[1]))  # Debian: ld64.lld-14
+    path = shutil.which(name) or (versioned[-1] if versioned else None)
     if path is None:
         pytest.skip(f"{name} not installed (Debian packages llvm, lld; .ci/run installs them)")
     return path
@@ -302,3 +304,14 @@ def test_package_config_entries_get_mlcs_checks_as_one_line(tmp_path, doc, messa
     with pytest.raises(WorkflowError) as err:
         read_package_config(write(tmp_path, doc))
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_vram_verb_prints_the_terms_and_the_fit(iphone_libs, capsys):
+    from neox_mlc.package import main
+
+    tar, meta = iphone_libs[NAMES[0]]
+    assert main(["vram", str(tar)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    est = estimate_vram(meta)
+    assert report["estimated_vram_bytes"] == est.total == report["params"] + report["temporary"] + report["kv_cache"]
+    assert len(report["devices"]) == 4 and all(row["fits"] for row in report["devices"])

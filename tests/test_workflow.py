@@ -242,10 +242,12 @@ def test_app_from_an_mlc_package_config_through_the_cli(tiny_build, tmp_path):
 
 
 def test_download_on_device_is_a_knob(wf):
-    err = _fails(wf, "--configfile", "config/tiny.yaml", "--config", "bundle_weight=false")
-    assert f"bundle_weight false (download on device) needs models.{TINY}.model_url" in err
+    # The real model's default: weights in the app, so no download URL reaches the app configs.
+    assert "--model-url" not in run_snakemake(wf, "-n", "-p").stdout
+    err = _fails(wf, "--configfile", "config/tiny.yaml", "--config", "bundle_weight=False")
+    assert f"bundle_weight False (download on device) needs models.{TINY}.model_url" in err
     (wf / "url.yaml").write_text(yaml.safe_dump({"models": {TINY: {"model_url": "https://huggingface.co/me/tiny-neox-ja-{quant}-MLC"}}}))
-    out = run_snakemake(wf, "-n", "-p", "--configfile", "config/tiny.yaml", "url.yaml", "--config", "bundle_weight=false").stdout
+    out = run_snakemake(wf, "-n", "-p", "--configfile", "config/tiny.yaml", "url.yaml", "--config", "bundle_weight=False").stdout
     assert "--model-url https://huggingface.co/me/tiny-neox-ja-q4f16_0-MLC" in out
     assert "--model-url" not in run_snakemake(wf, "-n", "-p", "--configfile", "config/tiny.yaml", "url.yaml").stdout
 
