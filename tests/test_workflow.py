@@ -218,8 +218,6 @@ def test_tiny_app_is_laid_out_as_mlc_package_lays_it_out(tiny_build):
 def test_app_from_an_mlc_package_config_through_the_cli(tiny_build, tmp_path):
     """One entry downloaded on the device (model_url, no weights in the app), one bundled; MLC's
     estimated_vram_bytes is kept as the user wrote it."""
-    import subprocess
-
     cfg = tmp_path / "mlc-package-config.json"
     cfg.write_text(json.dumps({"device": "iphone", "model_list": [
         {"model": f"HF://me/{TINY}-q4f16_0-MLC", "model_id": f"{TINY}-q4f16_0", "estimated_vram_bytes": 3000000000},
