@@ -41,7 +41,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
 from neox_mlc.common import WorkflowError, atomic_path, check_output, read_json, run_cli, sha256_file, write_json
 from neox_mlc.package_config import model_url_of, package_config, read_package_config
 from neox_mlc.staticlib import MachObject, read_archive, read_macho, tar_objects, write_archive
