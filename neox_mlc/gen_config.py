@@ -23,12 +23,11 @@ import yaml
 
 from neox_mlc.common import REPO_ROOT, WorkflowError, read_json, run_cli, write_json
 from neox_mlc.hf_checkpoint import NeoXArch, load_arch
-from neox_mlc.neox_config import DEFAULT_MAX_BATCH_SIZE, check_context_window
+from neox_mlc.neox_config import DEFAULT_MAX_BATCH_SIZE, MAX_PREFILL_CHUNK, check_context_window
 from neox_mlc.templates import validate_template
 from neox_mlc.quantization import QUANTIZATIONS, get_quantization
 
 CHAT_CONFIG_VERSION = "0.1.0"
-MAX_PREFILL_CHUNK = 8192
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "vocab.json", "merges.txt", "added_tokens.json", "tokenizer_config.json")
 
 

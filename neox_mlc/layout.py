@@ -67,6 +67,30 @@ def dist_dir(model: str, quant: str) -> str:
     return f"dist/{bundle_id(model, quant)}"
 
 
+def model_lib(model: str, quant: str) -> str:
+    """The app's ``model_lib``: ``{model}_{quant}`` with every character but letters, digits and ``_`` as ``_``.
+
+    Why this spelling: the app loads ``"system://" + model_lib`` (ios/MLCSwift LLMEngine.swift) and the
+    runtime asks TVM-FFI for the system library ``model_lib`` with ``-`` → ``_``, plus ``_``
+    (cpp/serve/function_table.cc), so the library must be compiled with ``model_lib + "_"`` as its
+    symbol prefix (python/mlc_llm/interface/jit.py). Replacing ``.`` too keeps symbols C identifiers.
+    """
+    return re.sub(r"[^A-Za-z0-9_]", "_", f"{model}_{quant}")
+
+
+def runtime_system_lib(model_lib_name: str) -> str:
+    """The system-library prefix MLC's runtime looks up for ``model_lib`` (cpp/serve/function_table.cc)."""
+    return model_lib_name.replace("-", "_") + "_"
+
+
 def system_lib_prefix(model: str, quant: str) -> str:
-    """The symbol prefix of a statically linked (iOS) library; also the app's ``model_lib``."""
-    return re.sub(r"[^A-Za-z0-9_]", "_", f"{model}_{quant}") + "_"
+    """The symbol prefix a statically linked (iOS) library is compiled with: what the runtime looks up."""
+    return runtime_system_lib(model_lib(model, quant))
+
+
+APP_DIR = "dist/app"
+
+
+def app_dir() -> str:
+    """Every bundle in one iOS app, as ``mlc_llm package`` lays it out (lib/, bundle/)."""
+    return APP_DIR

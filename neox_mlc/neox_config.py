@@ -15,6 +15,8 @@ from typing import Any
 from neox_mlc.common import WorkflowError
 
 DEFAULT_MAX_BATCH_SIZE = 128
+# gen_config's prefill chunk: min(context window, this); planning checks package-config overrides against it
+MAX_PREFILL_CHUNK = 8192
 
 
 @dataclass(frozen=True)

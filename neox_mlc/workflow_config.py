@@ -16,8 +16,9 @@ from typing import Any
 
 from neox_mlc.common import WorkflowError
 from neox_mlc.hf_checkpoint import load_arch
-from neox_mlc.layout import TARGETS, UNBUILDABLE, snapshot_dir
-from neox_mlc.neox_config import check_context_window
+from neox_mlc.layout import TARGETS, UNBUILDABLE, bundle_id, model_lib, snapshot_dir
+from neox_mlc.neox_config import MAX_PREFILL_CHUNK, check_context_window
+from neox_mlc.package_config import match_package_config, read_package_config
 from neox_mlc.quantization import QUANTIZATIONS
 from neox_mlc.templates import validate_template
 
@@ -74,6 +75,38 @@ def check_config(config: dict[str, Any], root: Path) -> None:
                 raise WorkflowError(f"model {name!r}: {err}") from None
 
 
+def download_url(spec: dict[str, Any], model: str, quant: str, bundle_weight: bool) -> str | None:
+    """The app's ``model_url`` for one bundle: none when the weights ship inside the app (the default)."""
+    if bundle_weight:
+        return None
+    if not spec.get("model_url"):
+        raise WorkflowError(
+            f"bundle_weight False (download on device) needs models.{model}.model_url: where "
+            f"bundle/{model}-{quant}/ is uploaded, e.g. https://huggingface.co/<you>/{model}-{{quant}}-MLC"
+        )
+    return spec["model_url"].replace("{quant}", quant)
+
+
+def plan_app(config: dict[str, Any]) -> list[tuple[str, str]]:
+    """The ``(model, quant)`` bundles of ``dist/app``, checked at planning time (one-line errors).
+
+    Without ``package_config``: every model of ``build_models`` × ``quantizations``. With it: the
+    entries of that ``mlc-package-config.json``, checked as ``mlc_llm package`` checks them and
+    matched to bundles this workflow can build.
+    """
+    bundle_weight = config.get("bundle_weight", True)
+    for m in config["build_models"]:
+        for q in config["quantizations"]:
+            download_url(config["models"][m], m, q, bundle_weight)
+    if not config.get("package_config"):
+        return [(m, q) for m in config["build_models"] for q in config["quantizations"]]
+    bundles = {bundle_id(m, q): (m, q) for m in config["models"] for q in QUANTIZATIONS}
+    n = config["max_seq_len"]
+    compiled = {"context_window_size": n, "prefill_chunk_size": min(n, MAX_PREFILL_CHUNK)}
+    entries = read_package_config(Path(config["package_config"]))
+    return match_package_config(entries, bundles, {k: model_lib(*v) for k, v in bundles.items()}, compiled)
+
+
 def put_interpreter_first_on_path() -> None:
     """Jobs run ``python``: make it the interpreter running Snakemake (a conda env, if used, wins).
 
@@ -116,14 +149,14 @@ def schema_error_line(config: dict[str, Any], schema_path: Path) -> str:
     return f"invalid config at {where}: {message}"
 
 
-def stop_on_bad_config(check: Any, *args: Any) -> None:
-    """Run a planning-time check; on a :class:`WorkflowError` print one line and exit 2.
+def stop_on_bad_config(check: Any, *args: Any) -> Any:
+    """Run a planning-time check (returning what it returns); on a :class:`WorkflowError` print one line and exit 2.
 
     Why not raise: Snakemake would print the message with a traceback of the Snakefile; a bad
     value deserves one line and no job started.
     """
     try:
-        check(*args)
+        return check(*args)
     except WorkflowError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

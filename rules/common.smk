@@ -12,6 +12,8 @@ from neox_mlc.codedeps import code_inputs
 from neox_mlc.quantization import GGUF_PEER_TYPES, QUANTIZATIONS
 from neox_mlc.workflow_config import (
     check_config,
+    download_url,
+    plan_app,
     put_interpreter_first_on_path,
     stop_on_bad_config,
 )
@@ -64,7 +66,7 @@ def all_targets(wildcards):
     depends on it (index, app config, bundle) instead of being silently ignored. Before a plan
     exists the bundles alone are asked for, so a dry run still shows every job.
     """
-    targets = all_bundles()
+    targets = all_bundles() + ([layout.app_dir()] if "iphone" in TARGETS_BUILT else [])
     for m in config["build_models"]:
         for q in config["quantizations"]:
             plan = layout.weight_plan(m, q)
@@ -142,9 +144,35 @@ def bundle_libs(wildcards):
     return [layout.library(wildcards.model, wildcards.quant, t) for t in TARGETS_BUILT]
 
 
+# The bundles of dist/app: build_models × quantizations, or the entries of an mlc-package-config.json
+# (checked here, before any job, as `mlc_llm package` checks them).
+APP_BUNDLES = stop_on_bad_config(plan_app, config)
+
+
+def app_bundles(wildcards):
+    if "iphone" not in TARGETS_BUILT:
+        raise WorkflowError(
+            f"{layout.app_dir()} links iphone libraries; targets built: {', '.join(TARGETS_BUILT)} "
+            "(set --config target=iphone or extra_targets=[iphone])"
+        )
+    return [layout.dist_dir(m, q) for m, q in APP_BUNDLES]
+
+
+def app_model_url(wildcards):
+    """`--model-url URL` when the weights are downloaded on the device (bundle_weight false), else nothing."""
+    url = download_url(
+        model_spec(wildcards),
+        wildcards.model,
+        wildcards.quant,
+        config.get("bundle_weight", True),
+    )
+    return f"--model-url {shlex.quote(url)}" if url else ""
+
+
 def not_a_bundle():
     """Regex matching any name but a known bundle, so that only unknown ones reach reject_bundle."""
     known = [layout.bundle_id(m, q) for m in MODELS for q in QUANTIZATIONS]
+    known.append(Path(layout.app_dir()).name)
     return f"(?!(?:{_alternation(known)})$)[^/]+"
 
 

@@ -97,7 +97,7 @@ PATHS = [
     ("max_seq_len",), ("quantizations",), ("target",), ("build_models",), ("extra_targets",), ("backend",),
     ("models", TINY, "generate", "hidden_size"), ("models", TINY, "revision"), ("models", TINY, "conv_template"),
     ("conv_templates", "line_llm", "seps"), ("conv_templates", "line_llm", "stop_token_ids"), ("conv_templates", "line_llm", "roles"),
-    ("evaluation", "max_tokens"),
+    ("evaluation", "max_tokens"), ("bundle_weight",), ("package_config",),
 ]
 JUNK = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=False), st.text(max_size=12),
                  st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=4), st.integers(), max_size=2))
@@ -118,10 +118,11 @@ def _apply(cfg: dict, path: tuple, action: str, value) -> dict:
 
 
 def _check(cfg: dict) -> None:
-    from neox_mlc.workflow_config import check_config, validate_config
+    from neox_mlc.workflow_config import check_config, plan_app, validate_config
 
     validate_config(cfg, REPO / "config" / "config.schema.yaml")
     check_config(cfg, REPO)
+    plan_app(cfg)  # the app's bundles (bundle_weight, package_config), checked by rules/common.smk too
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -56,7 +56,7 @@ def test_real_default_target_and_command_line_knobs(wf):
     jobs = planned_jobs(run_snakemake(wf, "-n").stdout)
     assert jobs == {
         "fetch_model": 1, "tokenizer": 1, "weight_plan": 2, "weights_index": 2,
-        "gen_config": 2, "compile": 2, "app_config": 2, "package": 2, "all": 1,
+        "gen_config": 2, "compile": 2, "app_config": 2, "package": 2, "app": 1, "all": 1,
     }
     out = run_snakemake(wf, "-n", "-p", "--config", "target=metal", "max_seq_len=512", "quantizations=[q4f16_1]").stdout
     assert planned_jobs(out)["package"] == 1
@@ -121,13 +121,13 @@ def test_rerun_nothing_when_up_to_date(tiny_build):
 def test_max_seq_len_change_reruns_config_compile_and_package_only(tiny_build):
     out = run_snakemake(tiny_build, "-n", "--configfile", "config/tiny.yaml", "--config", "max_seq_len=128").stdout
     # app_config reruns too: its estimated_vram_bytes includes the KV cache of the context window.
-    assert planned_jobs(out) == {"gen_config": 2, "compile": 4, "app_config": 2, "package": 2, "all": 1}
+    assert planned_jobs(out) == {"gen_config": 2, "compile": 4, "app_config": 2, "package": 2, "app": 1, "all": 1}
 
 
 def test_new_quantization_reuses_fetch_and_tokenizer(tiny_build):
     out = run_snakemake(tiny_build, "-n", "--configfile", "config/tiny.yaml", "--config", "quantizations=[q0f16,q4f16_0,q4f16_1]").stdout
     assert planned_jobs(out) == {
-        "weight_plan": 1, "weights_index": 1, "gen_config": 1, "compile": 2, "app_config": 1, "package": 1, "all": 1,
+        "weight_plan": 1, "weights_index": 1, "gen_config": 1, "compile": 2, "app_config": 1, "package": 1, "app": 1, "all": 1,
     }
     assert "q4f16_1" in out and "fetch_model" not in out and "rule tokenizer" not in out
 
@@ -137,7 +137,7 @@ def test_template_change_reruns_chat_config_and_dependants(tiny_build):
     tiny["conv_templates"] = {"line_llm": {**yaml.safe_load((tiny_build / "config.yaml").read_text())["conv_templates"]["line_llm"], "stop_str": ["</s>", "<NL>"]}}
     (tiny_build / "changed.yaml").write_text(yaml.safe_dump(tiny, allow_unicode=True))
     out = run_snakemake(tiny_build, "-n", "--configfile", "changed.yaml").stdout
-    assert planned_jobs(out) == {"gen_config": 2, "compile": 4, "app_config": 2, "package": 2, "all": 1}
+    assert planned_jobs(out) == {"gen_config": 2, "compile": 4, "app_config": 2, "package": 2, "app": 1, "all": 1}
 
 
 def test_deleted_shard_reruns_only_weights_and_dependants(tiny_build):
@@ -145,7 +145,8 @@ def test_deleted_shard_reruns_only_weights_and_dependants(tiny_build):
     manifest = json.loads((tiny_build / "dist" / f"{TINY}-q4f16_0" / "MANIFEST.json").read_text())
     shard.unlink()
     out = run_snakemake(tiny_build, "-n", "--configfile", "config/tiny.yaml").stdout
-    assert planned_jobs(out) == {"convert_shard": 1, "weights_index": 1, "app_config": 1, "package": 1, "all": 1}
+    # the app configs do not depend on the weights (their estimate is the library's), the bundles do
+    assert planned_jobs(out) == {"convert_shard": 1, "weights_index": 1, "package": 1, "app": 1, "all": 1}
     run_snakemake(tiny_build, "--configfile", "config/tiny.yaml")
     again = json.loads((tiny_build / "dist" / f"{TINY}-q4f16_0" / "MANIFEST.json").read_text())
     assert {k: v["sha256"] for k, v in again["files"].items()} == {k: v["sha256"] for k, v in manifest["files"].items()}
@@ -161,6 +162,104 @@ def test_chat_runner_answers_from_the_tiny_bundle(tiny_build):
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip()
+
+
+def test_app_configs_name_the_library_the_runtime_finds(tiny_build):
+    """Each bundle's app configs: model_lib is what the runtime asks TVM-FFI for, and the iphone library
+    defines it exactly as `mlc_llm package` validates (model_lib + '___tvm_ffi__library_bin'); the
+    weights are bundled, so the entry has model_path and no model_url, and the seed's model_url is ""."""
+    from neox_mlc.package import LIBRARY_BIN_SUFFIX, estimate_vram, library_metadata
+    from neox_mlc.staticlib import read_macho, tar_objects
+
+    for quant in ("q0f16", "q4f16_0"):
+        dist = tiny_build / "dist" / f"{TINY}-{quant}"
+        entry = json.loads((dist / "bundle" / "mlc-app-config.json").read_text())["model_list"][0]
+        assert list(entry) == ["model_id", "model_lib", "model_path", "estimated_vram_bytes"]
+        tar = dist / "lib" / f"{TINY}-{quant}-iphone.tar"
+        defined = set().union(*(read_macho(d, n).defined for n, d in tar_objects(tar)))
+        assert "_" + entry["model_lib"].replace("-", "_") + LIBRARY_BIN_SUFFIX in defined
+        assert entry["model_lib"].replace("-", "_") + "_" == f"tiny_neox_ja_{quant}_"  # function_table.cc's lookup
+        meta = library_metadata(tar)
+        assert entry["estimated_vram_bytes"] == estimate_vram(meta).total
+        seed = json.loads((dist / "app-config.json").read_text())
+        assert seed["model_list"] == [{"model_url": "", "local_id": f"{TINY}-{quant}"}]
+        assert json.loads((dist / "MANIFEST.json").read_text())["runtime_abi"]["imports"]
+
+
+def test_tiny_app_is_laid_out_as_mlc_package_lays_it_out(tiny_build):
+    from neox_mlc.package import available_model_libs, tvm_ffi_c_api
+    from neox_mlc.package_config import read_package_config
+    from neox_mlc.staticlib import read_archive
+
+    app = tiny_build / "dist" / "app"
+    archive = read_archive(app / "lib" / "libmodel_iphone.a")
+    assert available_model_libs(set(archive.toc)) == ["tiny_neox_ja_q0f16", "tiny_neox_ja_q4f16_0"]
+    entries = json.loads((app / "bundle" / "mlc-app-config.json").read_text())["model_list"]
+    for quant, entry in zip(("q0f16", "q4f16_0"), entries, strict=True):
+        bid = f"{TINY}-{quant}"
+        assert entry == json.loads((tiny_build / "dist" / bid / "bundle" / "mlc-app-config.json").read_text())["model_list"][0]
+        own = tiny_build / "dist" / bid / "bundle" / bid
+        assert sorted(p.name for p in (app / "bundle" / bid).iterdir()) == sorted(p.name for p in own.iterdir())
+        assert sha256_file(app / "bundle" / bid / "params_shard_0.bin") == sha256_file(own / "params_shard_0.bin")
+    manifest = json.loads((app / "MANIFEST.json").read_text())
+    files = {str(p.relative_to(app)) for p in app.rglob("*") if p.is_file()} - {"MANIFEST.json", ".snakemake_timestamp", OUTPUT_MARK}
+    assert set(manifest["files"]) == files
+    assert set(manifest["runtime_abi"]["imports"]) <= tvm_ffi_c_api()
+    assert manifest["runtime_abi"]["mlc_llm_commit"] == "79d603f" and manifest["runtime_abi"]["apache_tvm"] == "0.26.0"
+    assert all(f["devices"][0]["fits"] for f in manifest["fit"].values())  # a tiny model fits every iPhone
+    # the package config written beside it passes MLC's own checks and points at files that exist
+    pkg = read_package_config(app / "mlc-package-config.json")
+    assert [e["model_id"] for e in pkg] == [f"{TINY}-q0f16", f"{TINY}-q4f16_0"] and all(e["bundle_weight"] for e in pkg)
+    assert all((app / e["model"] / "mlc-chat-config.json").is_file() for e in pkg)
+    libs = json.loads((app / "mlc-package-config.json").read_text())["model_lib_path_for_prepare_libs"]
+    assert all((app / path).is_file() for path in libs.values())
+
+
+def test_app_from_an_mlc_package_config_through_the_cli(tiny_build, tmp_path):
+    """One entry downloaded on the device (model_url, no weights in the app), one bundled; MLC's
+    estimated_vram_bytes is kept as the user wrote it."""
+    cfg = tmp_path / "mlc-package-config.json"
+    cfg.write_text(json.dumps({"device": "iphone", "model_list": [
+        {"model": f"HF://me/{TINY}-q4f16_0-MLC", "model_id": f"{TINY}-q4f16_0", "estimated_vram_bytes": 3000000000},
+        {"model": "anything/local", "model_id": f"{TINY}-q0f16", "estimated_vram_bytes": 5000000, "bundle_weight": True},
+    ]}))
+    out = tmp_path / "app"
+    cli = str(Path(sys.executable).parent / "neox-mlc")
+    args = [cli, "package", "app", "--bundle", f"dist/{TINY}-q4f16_0", "--bundle", f"dist/{TINY}-q0f16", "--package-config", str(cfg), "-o", str(out)]
+    proc = subprocess.run(args, cwd=tiny_build, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    entries = json.loads((out / "bundle" / "mlc-app-config.json").read_text())["model_list"]
+    assert entries[0] == {"model_id": f"{TINY}-q4f16_0", "model_lib": "tiny_neox_ja_q4f16_0",
+                          "model_url": f"https://huggingface.co/me/{TINY}-q4f16_0-MLC", "estimated_vram_bytes": 3000000000}
+    assert entries[1]["model_path"] == f"{TINY}-q0f16" and entries[1]["estimated_vram_bytes"] == 5000000
+    assert sorted(p.name for p in (out / "bundle").iterdir()) == ["mlc-app-config.json", f"{TINY}-q0f16"]
+    cfg.write_text(json.dumps({"device": "iphone", "model_list": [{"model": "x/y", "model_id": f"{TINY}-q0f16", "estimated_vram_bytes": 1}]}))
+    proc = subprocess.run(args, cwd=tiny_build, capture_output=True, text=True, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f'error: {cfg}: model_list[0]: model "x/y" is a local path; set "bundle_weight": true for it'
+
+
+def test_download_on_device_is_a_knob(wf):
+    # The real model's default: weights in the app, so no download URL reaches the app configs.
+    assert "--model-url" not in run_snakemake(wf, "-n", "-p").stdout
+    err = _fails(wf, "--configfile", "config/tiny.yaml", "--config", "bundle_weight=False")
+    assert f"bundle_weight False (download on device) needs models.{TINY}.model_url" in err
+    (wf / "url.yaml").write_text(yaml.safe_dump({"models": {TINY: {"model_url": "https://huggingface.co/me/tiny-neox-ja-{quant}-MLC"}}}))
+    out = run_snakemake(wf, "-n", "-p", "--configfile", "config/tiny.yaml", "url.yaml", "--config", "bundle_weight=False").stdout
+    assert "--model-url https://huggingface.co/me/tiny-neox-ja-q4f16_0-MLC" in out
+    assert "--model-url" not in run_snakemake(wf, "-n", "-p", "--configfile", "config/tiny.yaml", "url.yaml").stdout
+
+
+def test_package_config_chooses_the_app_bundles(wf):
+    (wf / "pkg.json").write_text(json.dumps({"device": "iphone", "model_list": [
+        {"model": "HF://me/x", "model_id": f"{TINY}-q4f16_1", "estimated_vram_bytes": 10**9, "overrides": {"context_window_size": 256}}]}))
+    out = run_snakemake(wf, "-n", "-p", "dist/app", "--configfile", "config/tiny.yaml", "--config", "package_config=pkg.json").stdout
+    assert planned_jobs(out)["package"] == 1 and "--bundle dist/tiny-neox-ja-q4f16_1 --package-config pkg.json" in out
+    err = _fails(wf, "dist/app", "--configfile", "config/tiny.yaml", "--config", "package_config=pkg.json", "max_seq_len=128")
+    assert f"override context_window_size=256 for model_id '{TINY}-q4f16_1' differs from the compiled 128" in err
+    (wf / "pkg.json").write_text(json.dumps({"device": "iphone", "model_list": [{"model": "HF://me/x", "model_id": "gpt2-q4f16_1", "estimated_vram_bytes": 1}]}))
+    err = _fails(wf, "dist/app", "--configfile", "config/tiny.yaml", "--config", "package_config=pkg.json")
+    assert "model_id 'gpt2-q4f16_1' in the package config names no bundle; allowed:" in err
 
 
 # --- bad input: each stops before any job runs, with one line naming the value and what is allowed
@@ -234,7 +333,8 @@ def test_compiler_change_reruns_libraries_and_bundles_only(tiny_build):
     try:
         compiler.write_text(original + "\n# a change to the compiler\n")
         out = run_snakemake(tiny_build, "-n", "--configfile", "config/tiny.yaml").stdout
-        assert planned_jobs(out) == {"compile": 4, "package": 2, "all": 1}
+        # app_config reads estimated_vram_bytes from the iphone library, so it follows the compiler
+        assert planned_jobs(out) == {"compile": 4, "app_config": 2, "package": 2, "app": 1, "all": 1}
     finally:
         compiler.write_text(original)
 
@@ -259,8 +359,9 @@ def test_mlc_llm_backend_without_the_cli_names_the_missing_tool(wf):
 def test_mlc_llm_backend_runs_the_real_cli_argv(wf, tmp_path):
     """A recording stand-in for the `mlc_llm` executable checks the workflow's calls and wiring.
 
-    The stand-in records its argv and, for convert_weight, delegates to this project's converter so
-    the rest of the graph has real files to pass on; it is test scaffolding for the argv contract only.
+    The stand-in records its argv and delegates convert_weight and compile to this project's
+    converter and compiler (same flags) so the rest of the graph — app configs, libmodel_iphone.a —
+    has real files to pass on; it is test scaffolding for the argv contract only.
     """
     import sys
 
@@ -278,7 +379,11 @@ def test_mlc_llm_backend_runs_the_real_cli_argv(wf, tmp_path):
         "    a = sys.argv\n"
         "    convert(a[2], a[a.index('--quantization') + 1], a[a.index('-o') + 1])\n"
         "else:\n"
-        "    open(sys.argv[sys.argv.index('-o') + 1], 'w').write('library')\n"
+        f"    sys.path.insert(0, {str(wf)!r})\n"
+        "    from neox_mlc.compile import build\n"
+        "    a = sys.argv\n"
+        "    prefix = a[a.index('--system-lib-prefix') + 1] if '--system-lib-prefix' in a else None\n"
+        "    build(a[2], a[a.index('--device') + 1], a[a.index('-o') + 1], prefix)\n"
     )
     stub.chmod(0o755)
     run_snakemake(wf, "--configfile", "config/tiny.yaml", "--config", "backend=mlc_llm", "quantizations=[q4f16_1]",
