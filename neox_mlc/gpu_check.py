@@ -256,6 +256,7 @@ def run(root: Path, device: str, prompt: int, decode: int, bandwidth_tbs: float 
         raise WorkflowError(f"{root} was prepared for {manifest['device']}; run it with --device {'cuda' if manifest['device'] == 'cuda' else 'cpu'}")
     if device == "cuda":
         load_cuda_runtime()
+        os.environ.setdefault("NEOX_MLC_ADAPTIVE_THREADS", "0")  # the host thread probe is for CPU kernels
     import tvm
 
     report: dict[str, Any] = {"device": device, "tvm_runtime_only": bool(tvm.base._RUNTIME_ONLY), "archs": manifest["archs"], "conformance": {}, "speed": {}}
