@@ -124,11 +124,10 @@ def load_cuda_runtime() -> None:
     import tvm
 
     lib_dir = Path(tvm.__file__).parent / "lib"
-    for pattern in ("nvidia/cu13/lib/libcudart.so.13", "nvidia/cuda_runtime/lib/libcudart.so.13"):
-        for base in sys.path:
-            for hit in glob.glob(os.path.join(base, pattern)):
-                ctypes.CDLL(hit, mode=ctypes.RTLD_GLOBAL)
-                break
+    patterns = [os.path.join(base, sub, "libcudart.so.13") for base in sys.path for sub in ("nvidia/cu13/lib", "nvidia/cuda_runtime/lib")]
+    hits = [h for p in [*patterns, "/usr/local/cuda/lib64/libcudart.so.13"] for h in glob.glob(p)]
+    if hits:  # else the system's library path must have it
+        ctypes.CDLL(hits[0], mode=ctypes.RTLD_GLOBAL)
     ctypes.CDLL(str(lib_dir / "libtvm_runtime_cuda.so"), mode=ctypes.RTLD_GLOBAL)
     if not tvm.cuda(0).exist:
         raise WorkflowError("TVM's CUDA runtime loaded but sees no GPU (is the driver's libcuda.so.1 there?)")
