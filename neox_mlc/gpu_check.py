@@ -222,9 +222,8 @@ def transformers_speed(config: Path, device: str, prompt: int, decode: int) -> d
     cuda = device == "cuda"
     dtype = torch.float16 if cuda else torch.float32
     cfg = GPTNeoXConfig(**{k: v for k, v in json.loads(config.read_text()).items() if k not in ("architectures", "torch_dtype")})
-    cfg._attn_implementation = "eager"
-    with torch.device("cuda" if cuda else "cpu"):
-        model = GPTNeoXForCausalLM._from_config(cfg, torch_dtype=dtype).eval()
+    with torch.device("cuda" if cuda else "cpu"):  # weights initialised where they run
+        model = GPTNeoXForCausalLM._from_config(cfg, dtype=dtype, attn_implementation="eager").eval()
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     ids = torch.tensor([[5 + (i * 7) % 200 for i in range(prompt)]], device=model.device)
     with torch.inference_mode():
