@@ -29,6 +29,7 @@ VERBS = {
     "bench_convert": "bench_convert",
     "bench_runtime": "bench_runtime",
     "bench_verify": "bench_verify",
+    "gpu_check": "gpu_check",
 }
 
 

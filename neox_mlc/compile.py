@@ -8,8 +8,11 @@ GPU, arm64 iOS host code — because no TVM release ships an ``iphone`` tag.
 
 Targets and outputs: ``llvm``/``cpu`` → host shared library (``.so``); ``iphone`` → ``.tar`` of arm64
 Mach-O objects plus Metal kernel source, with every symbol under ``--system-lib-prefix`` so Xcode can
-link several models into one app; ``metal`` → the same for arm64 macOS; ``cuda`` → ``.so`` (needs a
-CUDA toolkit at build time); ``vulkan`` is refused with the reason (the PyPI TVM has no SPIR-V backend).
+link several models into one app; ``metal`` → the same for arm64 macOS; ``cuda`` → ``.so`` whose
+kernels are SASS in a fatbin, built with nvcc for ``--cuda-arch`` (default sm_90; no GPU needed to
+build, nothing compiled at load: see neox_mlc/cuda_kernels.py); ``--iphone-proxy`` builds that CUDA
+library with exactly the iPhone's GPU schedule rules and limits, so a CUDA GPU runs the kernels an
+iPhone runs; ``vulkan`` is refused with the reason (the PyPI TVM has no SPIR-V backend).
 The library carries ``_metadata`` (JSON, same keys as MLC's) with the parameter list the runtime
 loads, in order.
 """
@@ -20,15 +23,19 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 
 from neox_mlc.common import WorkflowError, atomic_path, check_output, read_json, run_cli, run_mlc_llm
+from neox_mlc.cuda_kernels import DEFAULT_ARCHS, fatbin_pack_imports, parse_archs, require_nvcc
 from neox_mlc.layout import LIB_EXT, TARGETS, UNBUILDABLE
 from neox_mlc.quantization import get_quantization
 
 _APPLE_GPU = {"kind": "metal", "max_threads_per_block": 256, "max_shared_memory_per_block": 32768, "thread_warp_size": 1}
+# The target attributes dlight and TVM's attention kernels size their schedules by.
+SCHEDULE_LIMITS = ("max_num_threads", "max_threads_per_block", "max_shared_memory_per_block", "thread_warp_size")
 HOSTS = {
     "iphone": {"kind": "llvm", "mtriple": "arm64-apple-ios14.0", "mcpu": "apple-a14"},
     "metal": {"kind": "llvm", "mtriple": "arm64-apple-macos11.0", "mcpu": "apple-m1"},
@@ -53,20 +60,58 @@ def default_host_cpu() -> str | None:
     return "x86-64-v3" if {"avx2", "fma", "f16c"} <= set(flags) else None
 
 
-def make_target(device: str, host_cpu: str | None = None) -> Any:
-    """The TVM target for a device name (see module docstring)."""
+@dataclass(frozen=True)
+class CudaOptions:
+    """How ``cuda`` is built: the SASS archs in the fatbin, and whether it proxies the iPhone's schedules."""
+
+    archs: tuple[str, ...] = DEFAULT_ARCHS
+    iphone_proxy: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "archs", parse_archs(self.archs))  # checked and sorted before any work
+
+
+def make_target(device: str, host_cpu: str | None = None, cuda: CudaOptions | None = None) -> Any:
+    """The TVM target for a device name (see module docstring).
+
+    The CUDA target's ``arch`` is the lowest requested one: TVM chooses instructions by it, so the
+    source compiles for every arch in the list.
+    """
     from tvm.target import Target
 
     if device not in TARGETS:
         raise WorkflowError(f"unknown device {device!r}; allowed: {', '.join(TARGETS)}")
+    if cuda and cuda.iphone_proxy and device != "cuda":
+        raise WorkflowError(f"the iPhone proxy build emits CUDA: use it with device cuda, not {device!r}")
     if device in ("llvm", "cpu"):
         cpu = host_cpu or default_host_cpu()
         return Target({"kind": "llvm", "mcpu": cpu} if cpu else "llvm")
     if device in HOSTS:
         return Target(_APPLE_GPU, host=HOSTS[device])
     if device == "cuda":
-        return Target({"kind": "cuda", "arch": "sm_90"}, host="llvm")
+        cuda = cuda or CudaOptions()
+        # 48 KiB: the static shared memory any CUDA GPU gives a block (TVM assumes it, with a warning, if unset)
+        limits = {k: iphone_gpu_target().attrs[k] for k in SCHEDULE_LIMITS} if cuda.iphone_proxy else {"max_shared_memory_per_block": 49152}
+        return Target({"kind": "cuda", "arch": cuda.archs[0], **limits}, host="llvm")
     raise WorkflowError(f"device {device!r} cannot be built with this TVM: {UNBUILDABLE.get(device, 'no codegen')}")
+
+
+def iphone_gpu_target(host: Any = None) -> Any:
+    """The iPhone's GPU target as TVM resolves it (the proxy build schedules for it)."""
+    from tvm.target import Target
+
+    return Target(_APPLE_GPU, host=host or HOSTS["iphone"])
+
+
+def schedule_target(target: Any, cuda: CudaOptions | None) -> Any:
+    """The target the model's kernels are generated and scheduled for; ``target`` compiles them.
+
+    Why two: dlight's rules pick tile sizes and thread layouts by target *kind* (GEMV: 2x64 or 4x16
+    threads on Metal, 16x32 on CUDA; GeneralReduction: 64 vs 256 threads), so the iPhone's schedules
+    exist only for a Metal target. The proxy schedules for the iPhone's GPU target and hands the
+    scheduled kernels to the CUDA code generator, whose target carries the same limits.
+    """
+    return iphone_gpu_target(target.host) if cuda and cuda.iphone_proxy else target
 
 
 def metadata(chat_config: dict[str, Any], params: list[tuple[str, Any]], memory_usage: dict[str, int]) -> dict[str, Any]:
@@ -122,32 +167,60 @@ def _memory_usage(mod: Any) -> dict[str, int]:
     return dict(sorted(usage.items()))
 
 
+def gpu_rules(apple: bool) -> list[Any]:
+    """dlight rules: the iPhone's (Apple GPUs, and the CUDA iPhone proxy), or TVM's CUDA defaults.
+
+    Apple GPUs leave dlight's Matmul rule out — in apache-tvm 0.26 ``gpu.Matmul`` tries Metal
+    simdgroup tensorization and crashes inside ``Tensorize`` for these kernels; GEMV/Reduction/
+    Fallback rules schedule them correctly (prefill runs the matmuls with the fallback schedule).
+    """
+    from tvm.s_tir import dlight as dl
+
+    tail = [dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
+    return tail if apple else [dl.gpu.Matmul(), *tail]
+
+
 def pipeline(target: Any) -> Any:
-    """TVM's default Relax pipeline, with two changes.
+    """TVM's default Relax pipeline, with our schedules.
 
     * Host CPU: every kernel gets a schedule from neox_mlc/cpu_schedule.py (GEMV, tiled matmul,
       parallel elementwise and reductions); TVM's CPU pipeline schedules nothing.
-    * Apple GPUs: dlight's Matmul rule is left out — in apache-tvm 0.26 ``gpu.Matmul`` tries Metal
-      simdgroup tensorization and crashes inside ``Tensorize`` for these kernels; GEMV/Reduction/
-      Fallback rules schedule them correctly (prefill runs the matmuls with the fallback schedule).
+    * GPUs: :func:`gpu_rules` — the iPhone's for Metal (and for the CUDA iPhone proxy, scheduled for
+      the iPhone's target), TVM's CUDA rules for CUDA without tensor-core tensorization: apache-tvm
+      0.26.0's ``Tensorize`` segfaults on every float16 wmma matmul (even a plain 256x384x512 one), so
+      dlight's Matmul rule takes its SIMT schedule instead (q0f16 on CUDA crashed the compiler before).
     """
-    from tvm import relax
-    from tvm.s_tir import dlight as dl
-
     if target.kind.name == "llvm":
         from tvm.relax.backend.cpu_generic import pipeline as cpu
 
         from neox_mlc.cpu_schedule import host_rules
 
         return _scheduled_pipeline(cpu, target, host_rules())
-    if target.kind.name == "metal":
-        from tvm.relax.backend.gpu_generic import pipeline as gpu
+    if target.kind.name == "cuda":
+        from tvm.relax.backend.cuda import pipeline as cuda
 
-        return _scheduled_pipeline(gpu, target, [dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()])
-    return relax.get_default_pipeline(target)
+        return _scheduled_pipeline(cuda, target, gpu_rules(apple=False), [_no_tensor_core_tensorize()])
+    from tvm.relax.backend.gpu_generic import pipeline as gpu
+
+    return _scheduled_pipeline(gpu, target, gpu_rules(apple=target.kind.name == "metal"))
 
 
-def _scheduled_pipeline(backend: Any, target: Any, rules: list[Any]) -> Any:
+def _no_tensor_core_tensorize() -> Any:
+    """Mark every kernel ``dlight.do_not_tensorize`` (see :func:`pipeline`)."""
+    import tvm
+    from tvm import tirx
+
+    @tvm.transform.module_pass(opt_level=0, name="NoTensorCoreTensorize")
+    def mark(mod: Any, _ctx: Any) -> Any:
+        for gv, func in list(mod.functions.items()):
+            if isinstance(func, tirx.PrimFunc):
+                mod.update_func(gv, func.with_attr("dlight.do_not_tensorize", True))
+        return mod
+
+    return mark
+
+
+def _scheduled_pipeline(backend: Any, target: Any, rules: list[Any], before_schedule: Sequence[Any] = ()) -> Any:
     """A TVM backend's own pass lists, with our dlight rules after fusion."""
     import tvm
     from tvm import relax
@@ -159,6 +232,7 @@ def _scheduled_pipeline(backend: Any, target: Any, rules: list[Any]) -> Any:
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),
         relax.transform.FuseTIR(),
+        *before_schedule,
         dl.ApplyDefaultSchedule(*rules),
     ]
     return tvm.transform.Sequential(
@@ -194,8 +268,11 @@ def _attach_metadata(mod: Any, meta: dict[str, Any]) -> Any:
     return bb.finalize()
 
 
-def export_module(chat_config_path: str | Path, device: str, system_lib_prefix: str | None = None, host_cpu: str | None = None) -> tuple[Any, list[tuple[str, Any]], Any, dict[str, Any]]:
-    """The model as a Relax IRModule (entry points, KV-cache creation, shape bounds), not yet lowered."""
+def export_module(
+    chat_config_path: str | Path, device: str, system_lib_prefix: str | None = None, host_cpu: str | None = None, cuda: CudaOptions | None = None
+) -> tuple[Any, list[tuple[str, Any]], Any, dict[str, Any]]:
+    """The model as a Relax IRModule (entry points, KV-cache creation, shape bounds), not yet lowered,
+    with the target it is made and scheduled for (:func:`schedule_target`)."""
     from neox_mlc.gpt_neox_model import GPTNeoXForCausalLM, add_kv_cache_creation
     from neox_mlc.neox_config import NeoXConfig
 
@@ -203,7 +280,7 @@ def export_module(chat_config_path: str | Path, device: str, system_lib_prefix: 
     if cfg.get("model_type") != "gpt_neox":
         raise WorkflowError(f"model_type {cfg.get('model_type')!r} is not supported; supported: gpt_neox")
     quant = get_quantization(cfg["quantization"])
-    target = make_target(device, host_cpu)
+    target = schedule_target(make_target(device, host_cpu, cuda), cuda)
     host = target.kind.name == "llvm"
     model = GPTNeoXForCausalLM(NeoXConfig.from_chat_config(cfg, dequantize_rows=host), quant, target)
     mod, params = model.export_tvm(spec=model.get_default_spec())
@@ -214,22 +291,36 @@ def export_module(chat_config_path: str | Path, device: str, system_lib_prefix: 
     return mod, params, target, cfg
 
 
-def build(chat_config_path: str | Path, device: str, output: str | Path, system_lib_prefix: str | None = None, host_cpu: str | None = None) -> dict[str, Any]:
+def build(
+    chat_config_path: str | Path,
+    device: str,
+    output: str | Path,
+    system_lib_prefix: str | None = None,
+    host_cpu: str | None = None,
+    cuda: CudaOptions | None = None,
+) -> dict[str, Any]:
     """Compile and export the library atomically; returns the metadata embedded in it."""
     import tvm
 
     ext = Path(output).suffix.lstrip(".")
     if device in LIB_EXT and ext != LIB_EXT[device]:
         raise WorkflowError(f"output {output} for device {device} must end in .{LIB_EXT[device]}")
-    mod, params, target, cfg = export_module(chat_config_path, device, system_lib_prefix, host_cpu)
-    with target:
-        lowered = pipeline(target)(mod)
+    export: dict[str, Any] = {}
+    if device == "cuda":
+        require_nvcc()
+        cuda = cuda or CudaOptions()
+    mod, params, scheduled_for, cfg = export_module(chat_config_path, device, system_lib_prefix, host_cpu, cuda)
+    target = make_target(device, host_cpu, cuda)
+    if device == "cuda":
+        export["fpack_imports"] = fatbin_pack_imports(cuda.archs, target)
+    with scheduled_for:
+        lowered = pipeline(scheduled_for)(mod)
     meta = metadata(cfg, params, _memory_usage(lowered))
     lowered = _attach_metadata(lowered, meta)
     executable = tvm.compile(lowered, target=target, relax_pipeline=None)
     with atomic_path(output) as tmp:
         staged = tmp.with_suffix("." + ext)
-        executable.export_library(str(staged))
+        executable.export_library(str(staged), **export)
         if ext == "tar":
             _normalize_tar(staged, tmp)
             staged.unlink()
@@ -273,17 +364,31 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("-o", "--output", required=True, help="library file to write")
     ap.add_argument("--system-lib-prefix", help="symbol prefix for static (iphone/metal) libraries")
     ap.add_argument("--host-cpu", help="LLVM mcpu for the host library (default: x86-64-v3 where available)")
+    ap.add_argument("--cuda-arch", help=f"cuda: SASS archs for the kernels' fatbin, comma-separated (default: {','.join(DEFAULT_ARCHS)})")
+    ap.add_argument("--iphone-proxy", action="store_true", help="cuda: schedule every kernel exactly as for the iphone target (its dlight rules and GPU limits)")
     ap.add_argument("--backend", choices=["native", "mlc_llm"], default="native")
     return ap.parse_args(argv)
+
+
+def cuda_options(device: str, cuda_arch: str | None, iphone_proxy: bool) -> CudaOptions | None:
+    """The CLI's CUDA options, refused for other devices (they would be silently ignored)."""
+    if device != "cuda":
+        if cuda_arch or iphone_proxy:
+            raise WorkflowError(f"--cuda-arch/--iphone-proxy apply to device cuda only, not {device!r}")
+        return None
+    return CudaOptions(cuda_arch or DEFAULT_ARCHS, iphone_proxy)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     a = parse_args(argv)
     check_output(a.output, None, [a.model])
+    cuda = cuda_options(a.device, a.cuda_arch, a.iphone_proxy)
     if a.backend == "mlc_llm":
+        if a.iphone_proxy:
+            raise WorkflowError("--iphone-proxy is this project's build; backend mlc_llm has no such option")
         run_mlc_llm(mlc_llm_argv(a.model, a.device, a.output, a.system_lib_prefix))
         return 0
-    build(a.model, a.device, a.output, a.system_lib_prefix, a.host_cpu)
+    build(a.model, a.device, a.output, a.system_lib_prefix, a.host_cpu, cuda)
     return 0
 
 

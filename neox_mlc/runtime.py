@@ -3,7 +3,8 @@
 Why: tests, the chat runner, the evaluation and the benchmarks all need the same short sequence —
 load the library into TVM's Relax VM, load params in the order ``_metadata`` lists, create the paged
 KV cache, then per step ``begin_forward → embed → prefill/decode → end_forward`` — so it lives here
-once. Only TVM's runtime is used; nothing of MLC-LLM.
+once. Only TVM's runtime is used (it works with a runtime-only TVM, ``TVM_USE_RUNTIME_LIB=1``: the
+VM comes from ``tvm.runtime.vm``, not ``tvm.relax``); nothing of MLC-LLM.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 import os
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -90,15 +91,31 @@ def thread_candidates(n: int) -> list[int]:
     return sorted({n, max(1, n // 2), 1}, reverse=True)
 
 
+# (``_metadata`` "params" entries, device) -> name -> tensor on that device
+ParamMaker = Callable[[list[dict[str, Any]], Any], dict[str, Any]]
+
+
 class ModelRuntime:
-    """One sequence (id 0) on one device: prefill a prompt, then decode token by token."""
+    """One sequence (id 0) on one device: prefill a prompt, then decode token by token.
+
+    Parameters come from ``params_dir`` (a tensor cache), or, with ``params_dir=None``, from
+    ``make_params`` given the library's parameter list (random weights for speed checks).
+    """
 
     def __init__(
-        self, lib: str | Path, params_dir: str | Path, chat_config: str | Path | None = None, device: str = "cpu", verify: bool = True
+        self,
+        lib: str | Path,
+        params_dir: str | Path | None,
+        chat_config: str | Path | None = None,
+        device: str = "cpu",
+        verify: bool = True,
+        make_params: ParamMaker | None = None,
     ) -> None:
         """``verify``: check every shard's md5 against tensor-cache.json first (False only when the
         caller has just verified the same files, e.g. the chat runner against MANIFEST.json)."""
-        if verify:
+        if params_dir is None and (make_params is None or chat_config is None):
+            raise WorkflowError("a runtime without a params directory needs make_params and chat_config")
+        if verify and params_dir is not None:
             verify_params(params_dir)
         # TVM's thread pool counts physical cores, which is 1 on 2-vCPU machines; use every CPU
         # this process may run on (TVM reads these once, when its pool starts).
@@ -107,16 +124,20 @@ class ModelRuntime:
             os.environ.setdefault(key, value)
         self.max_threads = _pool_threads(os.environ["TVM_NUM_THREADS"])  # checked before anything is loaded
         import tvm
-        from tvm import relax
-        from tvm.contrib import tvmjs
+        from tvm.runtime.vm import VirtualMachine
 
         self.tvm = tvm
         self.dev = tvm.device(device)
-        self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(lib)), self.dev)
+        self.vm = VirtualMachine(tvm.runtime.load_module(str(lib)), self.dev)
         self.metadata: dict[str, Any] = json.loads(str(self.vm["_metadata"]()))
         cfg_path = Path(chat_config) if chat_config else Path(params_dir) / "mlc-chat-config.json"
         self.chat_config = read_json(cfg_path, "chat config")
-        loaded, _ = tvmjs.load_tensor_cache(str(params_dir), self.dev)
+        if params_dir is None:
+            loaded = make_params(self.metadata["params"], self.dev)
+        else:
+            from tvm.contrib import tvmjs
+
+            loaded, _ = tvmjs.load_tensor_cache(str(params_dir), self.dev)
         missing = [p["name"] for p in self.metadata["params"] if p["name"] not in loaded]
         if missing:
             raise WorkflowError(f"params in {params_dir} lack {missing[0]} that the library expects ({len(missing)} missing)")
