@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import tempfile
 import time
 from collections.abc import Sequence
@@ -94,11 +93,27 @@ def train_sentencepiece(train_txt: Path, vocab_size: int, out_dir: Path) -> Path
             )  # fmt: skip
         except RuntimeError as err:  # e.g. a vocabulary smaller than the characters it must cover
             raise WorkflowError(f"sentencepiece cannot train vocab_size {vocab_size} on {train_txt}: {str(err).splitlines()[0]}") from None
-        os.replace(Path(tmp) / "spiece.model", out_dir / "spiece.model")
+        _drop_paths(Path(tmp) / "spiece.model", out_dir / "spiece.model")
     (out_dir / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG, indent=2) + "\n", encoding="utf-8")
     special = {k: TOKENIZER_CONFIG[k] for k in ("unk_token", "bos_token", "eos_token", "pad_token")}
     (out_dir / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n", encoding="utf-8")
     return out_dir / "spiece.model"
+
+
+def _drop_paths(src: Path, dst: Path) -> None:
+    """Copy ``spiece.model`` without the temporary paths sentencepiece records in its trainer spec.
+
+    Why: the trainer stores ``input`` and ``model_prefix`` verbatim; they name a random temporary
+    directory, so two identical trainings would otherwise differ in bytes.
+    """
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto()
+    proto.ParseFromString(src.read_bytes())
+    del proto.trainer_spec.input[:]
+    proto.trainer_spec.input.append("train.txt")
+    proto.trainer_spec.model_prefix = "spiece"
+    dst.write_bytes(proto.SerializeToString())
 
 
 def page_ids(spiece: Path, text_file: Path) -> np.ndarray:

@@ -138,9 +138,9 @@ def trained(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("train")
     text = d / "train.txt"
-    pages = [f"名前<NL>cmd{i} - ファイルを{i}回コピーする<NL>説明<NL>オプションを指定すると、ファイルを表示します。" for i in range(60)]
+    pages = [f"名前<NL>cmd{i} - ファイルを{i}回コピーする<NL>説明<NL>ユーザー: 日本の首都はどこですか? 表示します。" for i in range(60)]
     text.write_text("\n".join(pages) + "\n", encoding="utf-8")
-    spec = TrainSpec(vocab_size=400, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, seq_len=32, batch_size=4, steps=3)
+    spec = TrainSpec(vocab_size=340, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, seq_len=32, batch_size=4, steps=3)
     build(text, spec, d / "a")
     build(text, spec, d / "b")
     return d
@@ -162,7 +162,7 @@ def test_tokenizer_is_like_lines(trained):
 def test_model_has_lines_architecture_and_is_reproducible(trained):
     cfg = json.loads((trained / "a" / "config.json").read_text())
     assert cfg["use_parallel_residual"] is False and cfg["tie_word_embeddings"] is True
-    assert cfg.get("rotary_pct", cfg.get("partial_rotary_factor")) == 1.0
+    assert cfg.get("rope_parameters", cfg)["partial_rotary_factor" if "rope_parameters" in cfg else "rotary_pct"] == 1.0
     assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["pad_token_id"]) == (2, 2, 3)
     a, b = (trained / x / "model.safetensors" for x in "ab")
     assert a.read_bytes() == b.read_bytes()
@@ -183,7 +183,8 @@ def test_workflow_tokenizer_step_encodes_as_sentencepiece(trained, tmp_path):
     sp = spm.SentencePieceProcessor(model_file=str(trained / "a" / "spiece.model"))
     for line in (trained / "train.txt").read_text().splitlines()[:5]:
         assert tok.encode(line, add_special_tokens=False).ids == sp.encode(line)
-    assert text_ids(tok, "a\n\nb\n")[-1] == 2 and text_ids(tok, "a\n\nb\n").count(2) == 2
+    ids = text_ids(tok, "表示します\n\n表示します\n")  # one document per non-empty line, each closed by </s>
+    assert ids == [*sp.encode("表示します"), 2] * 2
 
 
 def test_trainer_rejects_bad_specs_in_one_line(tmp_path):
