@@ -374,6 +374,10 @@ def evaluate_gguf(
         **compare_windows(lambda w: hf_logits(ref, w), lambda w: hf_logits(test, w), windows),
     }  # fmt: skip
     if template is not None:
+        from neox_mlc.gen_config import conv_template
+
+        # the config's template data expanded as gen_config writes it into the chat config
+        template = conv_template("evaluation", template, int(ref.config.bos_token_id or 0))
         stop = set(template["stop_token_ids"]) | {tok.token_to_id("</s>")}
         result["answers"] = side_by_side(tok, template, prompts, lambda ids: greedy_hf(test, ids, answer_tokens, stop),
                                          lambda ids: greedy_hf(ref, ids, answer_tokens, stop))  # fmt: skip

@@ -324,3 +324,29 @@ def test_manpages_config_plans_corpus_training_and_reports(tmp_path):
     (wf / "nope.yaml").write_text("models: {neox-ja-manpages: {train: {corpus: nope}}}\n")
     bad = run_snakemake(wf, "-n", "--configfile", "config/manpages.yaml", "nope.yaml", check=False)
     assert bad.returncode != 0 and "trains on unknown corpus 'nope'; corpora: manpages-ja" in bad.stdout + bad.stderr
+
+
+def test_gguf_peer_of_a_tied_checkpoint_keeps_the_head_tied(trained):
+    """LINE ties its output head to the embedding; the gguf peer must load such a checkpoint (it failed before)."""
+    from neox_mlc.evaluate import gguf_dequantized_state
+    from neox_mlc.reference import load_hf_model
+
+    state, _, _ = gguf_dequantized_state(trained / "a", "Q8_0")
+    model = load_hf_model(trained / "a", state)
+    assert model.lm_head.weight.data_ptr() == model.gpt_neox.embed_in.weight.data_ptr()
+    assert np.array_equal(model.gpt_neox.embed_in.weight.detach().numpy(), state["gpt_neox.embed_in.weight"])
+
+
+def test_gguf_peer_answers_the_template_prompts(trained, tmp_path):
+    """gguf rows carry greedy answers side by side too, formatted with the config's template as gen_config expands it."""
+    import yaml
+
+    from neox_mlc.evaluate import evaluate_gguf
+    from neox_mlc.make_tokenizer import make_tokenizer
+
+    make_tokenizer(trained / "a", tmp_path / "tok")
+    template = yaml.safe_load((REPO / "config.yaml").read_text())["conv_templates"]["line_llm"]
+    text = (trained / "train.txt").read_text()
+    q = evaluate_gguf(trained / "a", tmp_path / "tok" / "tokenizer.json", "Q8_0", text, 32, 256, template, ["表示します"], answer_tokens=4)
+    assert [a["prompt"] for a in q["answers"]] == ["表示します"] and all(isinstance(a["bundle"], str) for a in q["answers"])
+    assert q["scored_tokens"] == sum(q["chunks"]["tokens"]) and q["delta_ppl_ci95"][0] <= q["delta_ppl"] <= q["delta_ppl_ci95"][1]
