@@ -26,6 +26,7 @@ report: "report/workflow.rst"
 
 include: "rules/common.smk"
 include: "rules/fetch.smk"
+include: "rules/corpus.smk"
 include: "rules/tokenizer.smk"
 include: "rules/convert.smk"
 include: "rules/config.smk"

@@ -12,20 +12,23 @@ model × quantization, ``quality.json`` with the numbers llama.cpp's ``llama-per
 
 The same metrics are computed for peers — ``gguf``'s numpy quantizers (Q4_0, Q4_1, Q8_0) applied to
 the same checkpoint, run through transformers on the dequantized weights — so one table compares them.
-The text is cut into windows of at most the context window; every position but the first of a
-window is scored.
+The text holds one document per line (``<NL>`` inside a line is the template's newline); each line
+is tokenized alone and followed by ``</s>``, as the trained evaluation model saw its pages. The token
+stream is cut into windows ("chunks") of at most the context window; every position but the first of
+a window is scored. ΔPPL and mean KL get 95 % bootstrap confidence intervals over those chunks
+(positions within a chunk are not independent; chunks nearly are), and per-chunk sums are kept in the
+report so that two methods can be compared pairwise on the same chunks (``neox_mlc.summarize``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import resource
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
 
 import numpy as np
 
@@ -71,24 +74,90 @@ def top1_agreement(ref_logits: np.ndarray, test_logits: np.ndarray) -> float:
     return float(100.0 * np.mean(ref_logits.argmax(-1) == test_logits.argmax(-1)))
 
 
-def compare(ref_logits: np.ndarray, test_logits: np.ndarray, targets: np.ndarray) -> dict[str, float]:
-    """All quality metrics of ``test`` against ``ref`` on the same scored positions.
+BOOTSTRAP_SAMPLES = 2000
+
+
+def position_metrics(ref_logits: np.ndarray, test_logits: np.ndarray, targets: np.ndarray) -> dict[str, np.ndarray]:
+    """Per scored position: NLL under each model, KL(ref ‖ test), and whether the top-1 tokens agree.
 
     Each side's log-softmax is computed once (float64 over the vocabulary is the costly part).
     """
     lp, lq = log_softmax(ref_logits), log_softmax(test_logits)
-    ppl_ref = perplexity(_nll(lp, targets))
-    ppl = perplexity(_nll(lq, targets))
-    kl = _kl(lp, lq)
+    return {
+        "nll_reference": _nll(lp, targets),
+        "nll": _nll(lq, targets),
+        "kl": _kl(lp, lq),
+        "agree": (ref_logits.argmax(-1) == test_logits.argmax(-1)).astype(np.float64),
+    }
+
+
+def bootstrap_ci(stat: Any, sums: dict[str, np.ndarray], samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> tuple[float, float]:
+    """95 % percentile interval of ``stat(resampled chunk sums)``, resampling whole chunks with replacement.
+
+    ``sums`` maps a name to one value per chunk; ``stat`` gets the same names with arrays of shape
+    ``[samples]`` (the column sums of each resample). A fixed seed keeps reports reproducible.
+    """
+    n = len(next(iter(sums.values())))
+    idx = np.random.default_rng(seed).integers(0, n, size=(samples, n))
+    values = stat({k: np.asarray(v, dtype=np.float64)[idx].sum(axis=1) for k, v in sums.items()})
+    lo, hi = np.percentile(values, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def _ppl_delta(s: dict[str, np.ndarray]) -> np.ndarray:
+    return np.exp(s["nll"] / s["tokens"]) - np.exp(s["nll_reference"] / s["tokens"])
+
+
+def _ppl_ref(s: dict[str, np.ndarray]) -> np.ndarray:
+    return np.exp(s["nll_reference"] / s["tokens"])
+
+
+def _kl_mean(s: dict[str, np.ndarray]) -> np.ndarray:
+    return s["kl"] / s["tokens"]
+
+
+def compare(ref_logits: np.ndarray, test_logits: np.ndarray, targets: np.ndarray, chunk_sizes: list[int] | None = None) -> dict[str, Any]:
+    """All quality metrics of ``test`` against ``ref`` on the same scored positions.
+
+    ``chunk_sizes`` splits the positions into the evaluation windows (one chunk if omitted); the
+    confidence intervals resample those chunks.
+    """
+    sizes = chunk_sizes or [len(targets)]
+    if sum(sizes) != len(targets):
+        raise ValueError(f"chunk sizes sum to {sum(sizes)}, not the {len(targets)} scored positions")
+    return aggregate(position_metrics(ref_logits, test_logits, targets), sizes)
+
+
+def compare_windows(ref_fn: Any, test_fn: Any, windows: list[list[int]]) -> dict[str, Any]:
+    """``compare`` over windows, one window's logits in memory at a time (vocabulary × window × 2 sides)."""
+    parts = []
+    for w in windows:
+        parts.append(position_metrics(ref_fn(w)[:-1], test_fn(w)[:-1], np.asarray(w[1:])))
+    pos = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    return aggregate(pos, chunk_sizes(windows))
+
+
+def aggregate(pos: dict[str, np.ndarray], sizes: list[int]) -> dict[str, Any]:
+    """Report figures from per-position metrics split into chunks of ``sizes`` positions."""
+    bounds = np.cumsum([0, *sizes])[:-1]
+    chunks = {"tokens": np.asarray(sizes, dtype=np.float64)}
+    for key in ("nll_reference", "nll", "kl"):
+        chunks[key] = np.add.reduceat(pos[key], bounds)
+    ppl_ref = perplexity(pos["nll_reference"])
+    ppl = perplexity(pos["nll"])
     return {
         "ppl": ppl,
         "ppl_reference": ppl_ref,
+        "ppl_reference_ci95": bootstrap_ci(_ppl_ref, chunks),
         "delta_ppl": ppl - ppl_ref,
+        "delta_ppl_ci95": bootstrap_ci(_ppl_delta, chunks),
         "ppl_ratio": ppl / ppl_ref,
-        "kl_mean": float(kl.mean()),
-        "kl_p99": float(np.percentile(kl, 99)),
-        "top1_agreement_pct": top1_agreement(ref_logits, test_logits),
-        "scored_tokens": int(len(targets)),
+        "kl_mean": float(pos["kl"].mean()),
+        "kl_mean_ci95": bootstrap_ci(_kl_mean, chunks),
+        "kl_p99": float(np.percentile(pos["kl"], 99)),
+        "top1_agreement_pct": float(100.0 * pos["agree"].mean()),
+        "scored_tokens": int(sum(sizes)),
+        "chunks": {k: [float(f"{x:.9g}") for x in v] for k, v in chunks.items()},
     }
 
 
@@ -116,6 +185,17 @@ def load_text(text: str | None, hf_dataset: str | None, split: str | None) -> st
     return Path(text).read_text(encoding="utf-8")
 
 
+def text_ids(tok: Any, text: str) -> list[int]:
+    """Each non-empty line tokenized alone and followed by ``</s>``: documents as the model was trained on them."""
+    eos = tok.token_to_id("</s>")
+    if eos is None:
+        raise WorkflowError("the tokenizer has no </s> token to separate evaluation documents")
+    ids: list[int] = []
+    for enc in tok.encode_batch([line for line in text.splitlines() if line.strip()], add_special_tokens=False):
+        ids += enc.ids + [eos]
+    return ids
+
+
 def stack_windows(fn: Any, windows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
     """Logits predicting positions 1..n-1 of each window, and those target tokens."""
     logits, targets = [], []
@@ -123,6 +203,33 @@ def stack_windows(fn: Any, windows: list[list[int]]) -> tuple[np.ndarray, np.nda
         logits.append(fn(w)[:-1])
         targets.append(np.asarray(w[1:]))
     return np.concatenate(logits), np.concatenate(targets)
+
+
+def chunk_sizes(windows: list[list[int]]) -> list[int]:
+    """Scored positions per window (all but the first)."""
+    return [len(w) - 1 for w in windows]
+
+
+def unigram_baseline(tok: Any, train_text: str, eval_text: str, window: int, max_tokens: int) -> dict[str, Any]:
+    """Perplexity of a unigram model (training-text token counts, add-one smoothed) on the scored positions.
+
+    Why: a perplexity alone does not say whether a model learned anything; beating the best
+    context-free guess on unseen text does. Scored exactly as ``compare`` scores the models.
+    """
+    counts = np.bincount(text_ids(tok, train_text), minlength=tok.get_vocab_size()).astype(np.float64) + 1.0
+    logp = np.log(counts / counts.sum())
+    windows = eval_windows(text_ids(tok, eval_text), window, max_tokens)
+    targets = np.concatenate([np.asarray(w[1:]) for w in windows])
+    nll = -logp[targets]
+    sizes = chunk_sizes(windows)
+    sums = {"nll_reference": np.add.reduceat(nll, np.cumsum([0, *sizes])[:-1]), "tokens": np.asarray(sizes, dtype=np.float64)}
+    return {
+        "method": "unigram (training-text counts)",
+        "ppl_unigram": perplexity(nll),
+        "ppl_unigram_ci95": bootstrap_ci(_ppl_ref, sums),
+        "scored_tokens": len(targets),
+        "training_tokens": int(counts.sum() - len(counts)),
+    }
 
 
 # ---------------------------------------------------------------- runs
@@ -181,7 +288,6 @@ def evaluate_bundle(
     """quality.json content for one compiled bundle."""
     from tokenizers import Tokenizer
 
-    from neox_mlc.chat import format_prompt
     from neox_mlc.reference import hf_logits, load_hf_model
     from neox_mlc.runtime import ModelRuntime
 
@@ -190,25 +296,18 @@ def evaluate_bundle(
     rt = ModelRuntime(lib, params, chat_config)
     spd = speed(rt)
     spd["peak_rss_gib_runtime"] = peak_rss_gib()
-    windows = eval_windows(tok.encode(text, add_special_tokens=False).ids, min(rt.context_window, rt.prefill_chunk), max_tokens)
+    windows = eval_windows(text_ids(tok, text), min(rt.context_window, rt.prefill_chunk), max_tokens)
 
     def bundle_fn(w: list[int]) -> np.ndarray:
         rt.reset()
         return rt.prefill_all_logits(w)
 
-    test_logits, targets = stack_windows(bundle_fn, windows)
     ref_model = load_hf_model(model_dir)
-    ref_logits, _ = stack_windows(lambda w: hf_logits(ref_model, w), windows)
+    metrics = compare_windows(lambda w: hf_logits(ref_model, w), bundle_fn, windows)
     template = cfg["conv_template"]
     stop = set(template["stop_token_ids"]) | {cfg["eos_token_id"]}
-    answers = []
-    for p in prompts:
-        ids = tok.encode(format_prompt(template, [], p), add_special_tokens=False).ids
-        answers.append({
-            "prompt": p,
-            "bundle": tok.decode(greedy_runtime(rt, ids, answer_tokens, stop)),
-            "reference": tok.decode(greedy_hf(ref_model, ids, answer_tokens, stop)),
-        })
+    answers = side_by_side(tok, template, prompts, lambda ids: greedy_runtime(rt, ids, answer_tokens, stop),
+                           lambda ids: greedy_hf(ref_model, ids, answer_tokens, stop))  # fmt: skip
     index = read_json(Path(params) / "tensor-cache.json", "tensor cache")
     size = sum((Path(params) / s["dataPath"]).stat().st_size for s in index["records"])
     return {
@@ -217,7 +316,7 @@ def evaluate_bundle(
         "bits_per_param": index["metadata"]["BitsPerParam"],
         "params_bytes_on_disk": size,
         "library_bytes": Path(lib).stat().st_size,
-        **compare(ref_logits, test_logits, targets),
+        **metrics,
         "speed_host_cpu": spd,
         "answers": answers,
     }
@@ -234,7 +333,7 @@ def gguf_dequantized_state(model_dir: Path, gtype: str) -> tuple[dict[str, np.nd
     block, type_size = gguf.GGML_QUANT_SIZES[qtype]
     index = TensorIndex(model_dir)
     state, nbytes, numel = {}, 0, 0
-    for name, info in index.tensors.items():
+    for name in index.tensors:
         value = index.read(name).astype(np.float32)
         numel += value.size
         if value.ndim == 2 and value.shape[1] % block == 0:
@@ -246,19 +345,43 @@ def gguf_dequantized_state(model_dir: Path, gtype: str) -> tuple[dict[str, np.nd
     return state, nbytes, nbytes * 8 / numel
 
 
-def evaluate_gguf(model_dir: Path, tokenizer: Path, gtype: str, text: str, window: int, max_tokens: int) -> dict[str, Any]:
+def side_by_side(tok: Any, template: dict[str, Any], prompts: Sequence[str], test: Any, reference: Any) -> list[dict[str, str]]:
+    """Greedy answers of the quantized model (``bundle``) and the reference to the same template prompts."""
+    from neox_mlc.chat import format_prompt
+
+    answers = []
+    for p in prompts:
+        ids = tok.encode(format_prompt(template, [], p), add_special_tokens=False).ids
+        answers.append({"prompt": p, "bundle": tok.decode(test(ids)), "reference": tok.decode(reference(ids))})
+    return answers
+
+
+def evaluate_gguf(
+    model_dir: Path, tokenizer: Path, gtype: str, text: str, window: int, max_tokens: int,
+    template: dict[str, Any] | None = None, prompts: Sequence[str] = (), answer_tokens: int = 24,
+) -> dict[str, Any]:  # fmt: skip
     from tokenizers import Tokenizer
 
     from neox_mlc.reference import hf_logits, load_hf_model
 
     tok = Tokenizer.from_file(str(tokenizer))
-    windows = eval_windows(tok.encode(text, add_special_tokens=False).ids, window, max_tokens)
+    windows = eval_windows(text_ids(tok, text), window, max_tokens)
     ref = load_hf_model(model_dir)
-    ref_logits, targets = stack_windows(lambda w: hf_logits(ref, w), windows)
     state, nbytes, bits = gguf_dequantized_state(model_dir, gtype)
     test = load_hf_model(model_dir, state)
-    test_logits, _ = stack_windows(lambda w: hf_logits(test, w), windows)
-    return {"method": f"gguf {gtype} (numpy)", "quantization": gtype, "bits_per_param": bits, "params_bytes_on_disk": nbytes, **compare(ref_logits, test_logits, targets)}
+    result = {
+        "method": f"gguf {gtype} (numpy)", "quantization": gtype, "bits_per_param": bits, "params_bytes_on_disk": nbytes,
+        **compare_windows(lambda w: hf_logits(ref, w), lambda w: hf_logits(test, w), windows),
+    }  # fmt: skip
+    if template is not None:
+        from neox_mlc.gen_config import conv_template
+
+        # the config's template data expanded as gen_config writes it into the chat config
+        template = conv_template("evaluation", template, int(ref.config.bos_token_id or 0))
+        stop = set(template["stop_token_ids"]) | {tok.token_to_id("</s>")}
+        result["answers"] = side_by_side(tok, template, prompts, lambda ids: greedy_hf(test, ids, answer_tokens, stop),
+                                         lambda ids: greedy_hf(ref, ids, answer_tokens, stop))  # fmt: skip
+    return result
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -277,21 +400,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--split")
     ap.add_argument("--max-tokens", type=int, default=4096)
     ap.add_argument("--prompt", action="append", default=[])
+    ap.add_argument("--conv-template-json", help="the conversation template (gguf peers: for the greedy answers)")
+    ap.add_argument("--unigram-train", help="write the unigram baseline from this training text instead of evaluating a model")
     ap.add_argument("-o", "--output", required=True)
     a = ap.parse_args(argv)
     text = load_text(a.text, a.hf_dataset, a.split)
     model_dir = Path(a.model_dir)
-    if a.llama_cpp_type:
+    prompts = a.prompt or DEFAULT_PROMPTS
+    if a.unigram_train:
+        from tokenizers import Tokenizer
+
+        train = load_text(a.unigram_train, None, None)
+        result = unigram_baseline(Tokenizer.from_file(a.tokenizer), train, text, a.window, a.max_tokens)
+    elif a.llama_cpp_type:
         from neox_mlc.llamacpp import evaluate_llama_cpp
 
         result = evaluate_llama_cpp(model_dir, Path(a.tokenizer), a.llama_cpp_type, text, a.window, a.max_tokens)
     elif a.gguf_type:
-        result = evaluate_gguf(model_dir, Path(a.tokenizer), a.gguf_type, text, a.window, a.max_tokens)
+        template = json.loads(a.conv_template_json) if a.conv_template_json else None
+        result = evaluate_gguf(model_dir, Path(a.tokenizer), a.gguf_type, text, a.window, a.max_tokens, template, prompts)
     else:
         if not (a.params and a.lib and a.chat_config):
             raise WorkflowError("bundle evaluation needs --params, --lib and --chat-config")
         result = evaluate_bundle(
-            model_dir, Path(a.tokenizer), Path(a.params), Path(a.lib), Path(a.chat_config), text, a.max_tokens, a.prompt or DEFAULT_PROMPTS
+            model_dir, Path(a.tokenizer), Path(a.params), Path(a.lib), Path(a.chat_config), text, a.max_tokens, prompts
         )
     result["peak_rss_gib"] = peak_rss_gib()
     write_json(a.output, result)

@@ -174,7 +174,7 @@ def evaluate_llama_cpp(model_dir: str | Path, tokenizer: str | Path, gtype: str,
     from tokenizers import Tokenizer
 
     from neox_mlc.common import WorkflowError
-    from neox_mlc.evaluate import compare, eval_windows, stack_windows
+    from neox_mlc.evaluate import chunk_sizes, compare, eval_windows, stack_windows, text_ids
     from neox_mlc.reference import hf_logits, load_hf_model
 
     python = llama_python()
@@ -183,7 +183,7 @@ def evaluate_llama_cpp(model_dir: str | Path, tokenizer: str | Path, gtype: str,
     if gtype not in FTYPES:
         raise WorkflowError(f"llama.cpp type {gtype!r} is not one of {', '.join(FTYPES)}")
     tok = Tokenizer.from_file(str(tokenizer))
-    windows = eval_windows(tok.encode(text, add_special_tokens=False).ids, window, max_tokens)
+    windows = eval_windows(text_ids(tok, text), window, max_tokens)
     ref = load_hf_model(Path(model_dir))
     ref_logits, targets = stack_windows(lambda w: hf_logits(ref, w), windows)
     with tempfile.TemporaryDirectory() as tmp:
@@ -201,7 +201,7 @@ def evaluate_llama_cpp(model_dir: str | Path, tokenizer: str | Path, gtype: str,
     test_logits = np.concatenate([flat[a : b - 1] for a, b in itertools.pairwise(starts)])
     numel = sum(int(np.prod(i.shape)) for i in _tensor_shapes(model_dir))
     return {"method": f"llama.cpp {gtype}", "quantization": gtype, "bits_per_param": nbytes * 8 / numel, "params_bytes_on_disk": nbytes,
-            **compare(ref_logits, test_logits, targets)}
+            **compare(ref_logits, test_logits, targets, chunk_sizes(windows))}
 
 
 def _tensor_shapes(model_dir: str | Path) -> list[Any]:

@@ -26,7 +26,9 @@ def load_hf_model(model_dir: str | Path, state: dict[str, np.ndarray] | None = N
         rename = {"embed_out.weight": "lm_head.weight"} if "embed_out.weight" not in keys else {}
         tensors = {rename.get(k, k): torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}
         missing, unexpected = model.load_state_dict(tensors, strict=False)
-        real_missing = [m for m in missing if not m.endswith(("masked_bias", "attention.bias", "inv_freq"))]
+        # a tied head (LINE's checkpoints) is the embedding itself: replacing one replaces both
+        tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+        real_missing = [m for m in missing if m not in tied and not m.endswith(("masked_bias", "attention.bias", "inv_freq"))]
         if real_missing or unexpected:
             raise ValueError(f"state does not fit the model: missing {real_missing[:3]}, unexpected {unexpected[:3]}")
     return model

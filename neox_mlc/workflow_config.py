@@ -25,8 +25,9 @@ from neox_mlc.templates import validate_template
 
 def model_max_positions(name: str, spec: dict[str, Any], root: Path) -> int | None:
     """``max_position_embeddings`` if known before any job runs (generated, local or fetched)."""
-    if "generate" in spec:
-        return int(spec["generate"]["max_position_embeddings"])
+    for made_here in ("generate", "train"):
+        if made_here in spec:
+            return int(spec[made_here]["max_position_embeddings"])
     candidates = [root / snapshot_dir(name)]
     if "local_path" in spec:
         candidates.insert(0, Path(spec["local_path"]))
@@ -59,6 +60,9 @@ def check_config(config: dict[str, Any], root: Path) -> None:
         if tpl not in templates:
             raise WorkflowError(f"model {name!r} uses unknown conv_template {tpl!r}; defined: {', '.join(templates)}")
         validate_template(tpl, templates[tpl])
+        if "train" in spec and spec["train"]["corpus"] not in config.get("corpora", {}):
+            known = ", ".join(config.get("corpora", {})) or "none"
+            raise WorkflowError(f"model {name!r} trains on unknown corpus {spec['train']['corpus']!r}; corpora: {known}")
         if "local_path" in spec and not (Path(spec["local_path"]) / "config.json").is_file():
             raise WorkflowError(f"model {name!r}: local_path {spec['local_path']} has no config.json")
         g = spec.get("generate")

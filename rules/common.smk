@@ -23,6 +23,9 @@ put_interpreter_first_on_path()
 stop_on_bad_config(check_config, config, Path(workflow.basedir))
 
 MODELS = config["models"]
+CORPORA = config.get("corpora", {})
+GENERATED_MODELS = [m for m, spec in MODELS.items() if "generate" in spec]
+TRAINED_MODELS = [m for m, spec in MODELS.items() if "train" in spec]
 BACKEND = config.get("backend", "native")
 
 
@@ -48,6 +51,7 @@ wildcard_constraints:
     target=_alternation(layout.TARGETS),
     shard=r"\d+",
     gtype="|".join(GGUF_PEER_TYPES),
+    corpus=_alternation(CORPORA) if CORPORA else "(?!x)x",
 
 
 def all_bundles():
@@ -82,7 +86,7 @@ def model_spec(wildcards):
 def fetch_source_args(wildcards):
     """Where the snapshot comes from, as CLI flags (a change of source or revision refetches)."""
     spec = model_spec(wildcards)
-    if "generate" in spec:
+    if "generate" in spec or "train" in spec:
         src = ["--local-path", layout.generated_dir(wildcards.model)]
     elif "local_path" in spec:
         src = ["--local-path", spec["local_path"]]
@@ -96,7 +100,21 @@ def fetch_inputs(wildcards):
     if "generate" in spec:
         d = layout.generated_dir(wildcards.model)
         return [f"{d}/config.json", f"{d}/model.safetensors", f"{d}/tokenizer.json"]
+    if "train" in spec:
+        d = layout.generated_dir(wildcards.model)
+        return [f"{d}/config.json", f"{d}/model.safetensors", f"{d}/spiece.model"]
     return []
+
+
+def corpus_file(model, split):
+    """A trained model's corpus split (``train`` or ``heldout``), made by rule prepare_corpus."""
+    return f"resources/corpus/{MODELS[model]['train']['corpus']}/{split}.txt"
+
+
+def train_args(wildcards):
+    """The training spec as CLI flags: a change of any value retrains."""
+    spec = {k: v for k, v in model_spec(wildcards)["train"].items() if k != "corpus"}
+    return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in sorted(spec.items()))
 
 
 def generate_args(wildcards):
@@ -194,7 +212,35 @@ def eval_source_args(wildcards):
         src = ["--hf-dataset", ev["hf_dataset"], "--split", ev.get("split", "test")]
     else:
         src = ["--text", ev.get("text", "data/eval_ja.txt")]
-    return shlex.join([*src, "--max-tokens", str(ev.get("max_tokens", 4096))])
+    prompts = [a for p in ev.get("prompts", []) for a in ("--prompt", p)]
+    return shlex.join([*src, "--max-tokens", str(ev.get("max_tokens", 4096)), *prompts])
+
+
+def training_text(model):
+    """The text a model made here was trained on (its unigram baseline's counts), or None."""
+    spec = MODELS[model]
+    if "train" in spec:
+        return corpus_file(model, "train")
+    if "generate" in spec:
+        return "data/corpus_ja.txt"
+    return None
+
+
+def summary_extras(wildcards):
+    """The unigram baseline and training record of a model made here (none for downloaded ones)."""
+    m = wildcards.model
+    extras = {}
+    if training_text(m):
+        extras["baseline"] = f"reports/{m}/unigram.json"
+    if "train" in MODELS[m]:
+        extras["training"] = f"{layout.generated_dir(m)}/training.json"
+    return extras
+
+
+def summary_extra_args(wildcards, input):
+    return " ".join(
+        f"--{k} {input[k]}" for k in ("baseline", "training") if k in input.keys()
+    )
 
 
 def per_attempt(base):
@@ -211,8 +257,8 @@ def per_attempt(base):
 
 def eval_mem_mb(wildcards):
     """float32 reference model + bundle: 4 bytes per parameter twice, plus 2 GB of headroom."""
-    g = MODELS[wildcards.model].get("generate")
-    if g:
+    spec = MODELS[wildcards.model]
+    if "generate" in spec or "train" in spec:  # a few million parameters
         return 3000
     # 3.6 B parameters × ~10 bytes (fp32 reference, activations, bundle)
     return 2000 + 10 * 3600

@@ -54,14 +54,41 @@ rule evaluate_gguf:
         model_dir=lambda w: layout.snapshot_dir(w.model),
         source=eval_source_args,
         window=config["max_seq_len"],
+        template_json=template_json,
     shell:
         "python scripts/evaluate.py {params.model_dir} --tokenizer {input.tokenizer}"
-        " --gguf-type {wildcards.gtype}"
+        " --gguf-type {wildcards.gtype} --conv-template-json {params.template_json:q}"
         " --window {params.window} {params.source} -o {output.quality} > {log} 2>&1"
+
+
+rule unigram_baseline:
+    input:
+        code=code("evaluate"),
+        tokenizer="build/{model}/tokenizer/tokenizer.json",
+        train=lambda w: training_text(w.model),
+        text=eval_text_input,
+    output:
+        baseline="reports/{model}/unigram.json",
+    log:
+        "logs/{model}/unigram_baseline.log",
+    conda:
+        "../envs/report.yaml"
+    resources:
+        mem_mb=per_attempt(2000),
+        runtime=per_attempt(10),
+    params:
+        model_dir=lambda w: layout.snapshot_dir(w.model),
+        source=eval_source_args,
+        window=config["max_seq_len"],
+    shell:
+        "python scripts/evaluate.py {params.model_dir} --tokenizer {input.tokenizer}"
+        " --unigram-train {input.train} --window {params.window} {params.source}"
+        " -o {output.baseline} > {log} 2>&1"
 
 
 rule summarize:
     input:
+        unpack(summary_extras),
         reports=quality_reports,
         code=code("summarize"),
     output:
@@ -75,6 +102,11 @@ rule summarize:
             caption="../report/plot.rst",
             category="Quality",
         ),
+        md=report(
+            "reports/{model}/summary.md",
+            caption="../report/verdicts.rst",
+            category="Quality",
+        ),
     log:
         "logs/{model}/summarize.log",
     conda:
@@ -82,9 +114,11 @@ rule summarize:
     resources:
         mem_mb=per_attempt(1000),
         runtime=per_attempt(5),
+    params:
+        extras=summary_extra_args,
     shell:
         "python scripts/summarize.py {input.reports} --csv {output.csv} --png {output.png}"
-        " --title {wildcards.model} > {log} 2>&1"
+        " --markdown {output.md} {params.extras} --title {wildcards.model} > {log} 2>&1"
 
 
 rule reports:

@@ -13,6 +13,8 @@ rule generate_tiny_model:
         "logs/{model}/generate_tiny_model.log",
     benchmark:
         "benchmarks/{model}/generate_tiny_model.tsv"
+    wildcard_constraints:
+        model=_alternation(GENERATED_MODELS) if GENERATED_MODELS else "(?!x)x",
     conda:
         "../envs/hf.yaml"
     threads: 2
