@@ -326,7 +326,7 @@ def prepare(deb: Path, package: str, heldout_pct: int, out_dir: Path) -> dict[st
         raise WorkflowError(f"heldout_pct {heldout_pct} leaves a split empty ({len(pages)} pages)")
     licence = members.get(COPYRIGHT.format(package=package), b"").decode("utf-8", errors="replace")
     stats: dict[str, Any] = {"package": package, "deb": deb.name, "deb_sha256": sha256_file(deb), "heldout_pct": heldout_pct}
-    with atomic_path(out_dir) as tmp:
+    with atomic_path(out_dir, "prepare_corpus", [deb]) as tmp:
         tmp.mkdir(parents=True)
         for name, names in split.items():
             text = "".join(PARAGRAPH_SEP.join(pages[p]) + "\n" for p in names)

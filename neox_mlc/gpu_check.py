@@ -86,7 +86,7 @@ def prepare(out: Path, device: str, archs: Sequence[str], shapes: dict[str, dict
         require_nvcc()
         archs = parse_archs(archs)
     manifest: dict[str, Any] = {"device": device, "archs": list(archs) if device == "cuda" else [], "fixtures": {}, "shapes": {}}
-    with atomic_path(out) as tmp:
+    with atomic_path(out, "gpu_check prepare") as tmp:
         tmp.mkdir(parents=True)
         shutil.copy2(FIXTURES / "inputs.json", tmp / "inputs.json")
         for quant in FIXTURE_QUANTS:

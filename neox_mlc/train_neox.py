@@ -206,7 +206,7 @@ def build(train_txt: Path, spec: TrainSpec, out: Path) -> dict[str, Any]:
     import torch
 
     spec.check()
-    with atomic_path(out) as tmp:
+    with atomic_path(out, "train_neox", [train_txt]) as tmp:
         tmp.mkdir(parents=True)
         spiece = train_sentencepiece(train_txt, spec.vocab_size, tmp)
         model, record = train_model(spec, page_ids(spiece, train_txt))
