@@ -129,7 +129,8 @@ def plan_params(arch: NeoXArch, index: TensorIndex, quant: Quantization) -> list
     check_no_extra_layers(arch, index)
     ordered: list[str] = []
     for path in index.files:
-        ordered += sorted(n for n, info in index.tensors.items() if info.file == path and n in parts)
+        # a tied head stored anyway (embed_out.weight beside the embedding) keeps the tied head's place
+        ordered += sorted(n for n, info in index.tensors.items() if info.file == path and n in parts and _source(n, arch) == n)
     ordered += [w for w in parts if w not in ordered]  # a tied head, read from the embedding
     specs: list[ParamSpec] = []
     for weight in ordered:
