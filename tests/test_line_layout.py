@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO, copy_workflow, run_snakemake
+
 from neox_mlc.common import WorkflowError
 
 REAL = "japanese-large-lm-3.6b-instruction-sft"
@@ -26,7 +26,7 @@ DATA_LINES = [ln for p in sorted((REPO / "data").glob("*.txt")) for ln in p.read
 def cli(*args, cwd=REPO, env=None):
     import os
 
-    return subprocess.run([CLI, *args], cwd=cwd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    return subprocess.run([CLI, *args], cwd=cwd, capture_output=True, text=True, env={**os.environ, **(env or {})}, check=False)
 
 
 @pytest.fixture(scope="module")
@@ -140,8 +140,10 @@ def test_unknown_tensor_is_a_one_line_error(tmp_path):
     proc = cli("convert_weight", str(tmp_path), "--quantization", "q4f16_0", "-o", str(tmp_path / "out"))
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "error: checkpoint tensor gpt_neox.layers.0.attention.lora_A is neither a GPT-NeoX weight nor a known buffer "
-        "(attention.bias, attention.masked_bias, rotary_emb.inv_freq); refusing to convert without it"
+        (
+            "error: checkpoint tensor gpt_neox.layers.0.attention.lora_A is neither a GPT-NeoX weight nor a known buffer "
+            "(attention.bias, attention.masked_bias, rotary_emb.inv_freq); refusing to convert without it"
+        )
     ]
     assert not (tmp_path / "out").exists()
 
@@ -255,6 +257,8 @@ def test_hf_cache_offline_without_the_model_is_one_line(tmp_path):
     proc = cli("fetch", "--hf-repo", REAL_REPO, "-o", str(tmp_path / "out"), env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "empty")})
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        f"error: HF_HUB_OFFLINE=1 and the snapshot of {REAL_REPO}@main is not in the Hugging Face cache {tmp_path / 'empty'}; "
-        "download it once with network access, or set local_path to a checkpoint directory"
+        (
+            f"error: HF_HUB_OFFLINE=1 and the snapshot of {REAL_REPO}@main is not in the Hugging Face cache {tmp_path / 'empty'}; "
+            "download it once with network access, or set local_path to a checkpoint directory"
+        )
     ]
