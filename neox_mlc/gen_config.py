@@ -6,8 +6,8 @@ conversation template comes from data (``conv_templates`` in config.yaml) and is
 MLC's full ``conv_template`` object. ``add_bos`` has no field of its own in MLC's schema: it becomes
 ``system_prefix_token_ids`` (``[bos]`` or ``null``). One deliberate difference from MLC's verb: the
 checkpoint's ``eos_token_id`` joins the template's ``stop_token_ids`` (LINE's template stops on
-``[3, 0]`` but the model ends a reply with ``</s>``, id 2; MLC's runtime stops only on the listed
-ids). With ``--no-eos-stop`` the output is JSON-equal to what MLC-LLM wrote for the reference
+``[3, 0]`` but the model ends a reply with ``</s>``, id 2, and the runtime stops on the ids the
+chat config lists, so without it a reply would run on to the token limit). With ``--no-eos-stop`` the output is JSON-equal to what MLC-LLM wrote for the reference
 fixtures (tests/test_conformance.py).
 """
 
