@@ -262,3 +262,14 @@ def test_hf_cache_offline_without_the_model_is_one_line(tmp_path):
             "download it once with network access, or set local_path to a checkpoint directory"
         )
     ]
+
+
+def test_quality_reference_reads_the_real_layout(line_model):
+    """The gguf peers and the float32 reference load a tied checkpoint whose file holds buffers."""
+    from neox_mlc.evaluate import gguf_dequantized_state
+    from neox_mlc.reference import load_hf_model
+
+    state, _, bits = gguf_dequantized_state(line_model, "Q8_0")
+    assert not any("attention.bias" in n or "inv_freq" in n for n in state) and 8 < bits < 9
+    model = load_hf_model(line_model, state)
+    assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
