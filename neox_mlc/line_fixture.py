@@ -217,6 +217,8 @@ def make_line_checkpoint(
 
             sp = spm.SentencePieceProcessor(model_file=str(tmp / "spiece.model"))
             last, reply = sp.encode(CHAIN_PROMPT)[-1], sp.piece_to_id("。")
+            if len({last, reply, 0, 2}) < 4:
+                raise WorkflowError(f"--eos-chain needs distinct prompt-end, reply and eos tokens; got {last}, {reply}, 2")
             chain = _chain_rows(cfg, last, reply, seed)
         specs = tensor_specs(cfg, embed_out)
 
