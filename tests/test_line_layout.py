@@ -241,7 +241,10 @@ def test_hf_cache_offline_fetches_without_network_and_bad_max_seq_len_stops_befo
     target = f"resources/models/{REAL}/snapshot.json"
     proc = run_snakemake(wf, target, "--config", "max_seq_len=1024", check=False, env=env)
     assert proc.returncode != 0
-    assert f"error: max_seq_len 1024 is out of range for model '{REAL}'; allowed: 1..512 (max_position_embeddings)" in proc.stderr
+    assert (
+        f"error: model '{REAL}': context window (max_seq_len) 1024 is out of range; allowed: 1..512 "
+        "(the model's max_position_embeddings)"
+    ) in proc.stderr
     assert (wf / "resources/configs" / REAL / "config.json").is_file()  # one small file moved...
     assert not (wf / "resources/models" / REAL).exists()  # ...the weights did not
     # the next plan knows the limit already: one line, exit 2, no job
