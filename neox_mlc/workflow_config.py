@@ -45,7 +45,7 @@ def check_fetched_context_window(config: dict[str, Any], name: str, config_json:
     ``config.json`` (one small file) is fetched; the weights' download waits for this check. Prints
     the one line too, since Snakemake reports an input function's error with its own context.
     """
-    limit = int(json.loads(Path(config_json).read_text(encoding="utf-8")).get("max_position_embeddings", 2048))
+    limit = load_arch(Path(config_json).parent)[0].max_position_embeddings
     try:
         check_context_window(config["max_seq_len"], limit)
     except WorkflowError as err:

@@ -121,11 +121,11 @@ def test_buffers_are_skipped_and_named_and_every_layout_converts_alike(line_mode
     for flags in (["--embed-out"], ["--weights", "bin"]):
         other = tmp_path / f"m{len(flags)}"
         assert cli("line_fixture", "-o", str(other), "--byte-fallback", "--eos-chain", *flags).returncode == 0
-        out = _convert(other, tmp_path / other.name / "p")
+        out = _convert(other, tmp_path / f"{other.name}-p")
         if "--embed-out" in flags:
             assert "1 x embed_out.weight (tied to gpt_neox.embed_in.weight)" in out
         for shard in (tmp_path / "a").glob("params_shard_*.bin"):
-            assert (tmp_path / other.name / "p" / shard.name).read_bytes() == shard.read_bytes()
+            assert (tmp_path / f"{other.name}-p" / shard.name).read_bytes() == shard.read_bytes()
 
 
 def test_unknown_tensor_is_a_one_line_error(tmp_path):
@@ -134,10 +134,12 @@ def test_unknown_tensor_is_a_one_line_error(tmp_path):
     from neox_mlc.line_fixture import line_config, make_tensor, tensor_specs, write_safetensors
 
     cfg = line_config(64, 1, 4, 256, 400, 64)
-    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(cfg))
     specs = tensor_specs(cfg, embed_out=False) + [("gpt_neox.layers.0.attention.lora_A", (4, 64), np.dtype(np.float16))]
-    write_safetensors(tmp_path / "model.safetensors", specs, lambda i, n, s, d: make_tensor(n, s, d, 0, i))
-    proc = cli("convert_weight", str(tmp_path), "--quantization", "q4f16_0", "-o", str(tmp_path / "out"))
+    write_safetensors(model / "model.safetensors", specs, lambda i, n, s, d: make_tensor(n, s, d, 0, i))
+    proc = cli("convert_weight", str(model), "--quantization", "q4f16_0", "-o", str(tmp_path / "out"))
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         (
@@ -241,10 +243,7 @@ def test_hf_cache_offline_fetches_without_network_and_bad_max_seq_len_stops_befo
     target = f"resources/models/{REAL}/snapshot.json"
     proc = run_snakemake(wf, target, "--config", "max_seq_len=1024", check=False, env=env)
     assert proc.returncode != 0
-    assert (
-        f"error: model '{REAL}': context window (max_seq_len) 1024 is out of range; allowed: 1..512 "
-        "(the model's max_position_embeddings)"
-    ) in proc.stderr
+    assert f"model '{REAL}': context window (max_seq_len) 1024 is out of range; allowed: 1..512" in proc.stdout + proc.stderr
     assert (wf / "resources/configs" / REAL / "config.json").is_file()  # one small file moved...
     assert not (wf / "resources/models" / REAL).exists()  # ...the weights did not
     # the next plan knows the limit already: one line, exit 2, no job
