@@ -48,8 +48,8 @@ def _from_sentencepiece(spm_path: Path, out_dir: Path, lines: list[str]) -> None
     decoded = tok.decode(tok.encode(PROBE, add_special_tokens=False).ids)
     if decoded != PROBE:
         raise WorkflowError(f"tokenizer from {spm_path} does not round-trip Japanese text: {decoded!r}")
-    with atomic_path(out_dir) as tmp:
-        tmp.mkdir(parents=True)
+    with atomic_path(out_dir, STEP, [spm_path.parent]) as tmp:
+        tmp.mkdir(parents=True, exist_ok=True)
         tok.save(str(tmp / "tokenizer.json"))
     print(f"tokenizer.json built from {report['source']}: {report['pieces']} pieces, normalizer {report['normalizer']}, "
           f"byte_fallback {report['byte_fallback']}, unk id {report['unk_id']}, NFKC shielded {report['nfkc_shielded']}")
