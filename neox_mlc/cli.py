@@ -30,6 +30,8 @@ VERBS = {
     "bench_runtime": "bench_runtime",
     "bench_verify": "bench_verify",
     "gpu_check": "gpu_check",
+    "line_fixture": "line_fixture",
+    "bench_line": "bench_line",
 }
 
 

@@ -42,7 +42,7 @@ from neox_mlc.common import (
     usable_cpus,
     write_json,
 )
-from neox_mlc.hf_checkpoint import NeoXArch, TensorIndex, load_arch
+from neox_mlc.hf_checkpoint import NeoXArch, TensorIndex, is_buffer, load_arch
 from neox_mlc.quantization import QUANTIZATIONS, Quantization, get_quantization, quantize_fast
 from neox_mlc.tensor_cache import DEFAULT_SHARD_CAP_MB, ShardPlan, encode, plan_shards, verify_cache, write_index, write_shard
 
@@ -129,7 +129,8 @@ def plan_params(arch: NeoXArch, index: TensorIndex, quant: Quantization) -> list
     check_no_extra_layers(arch, index)
     ordered: list[str] = []
     for path in index.files:
-        ordered += sorted(n for n, info in index.tensors.items() if info.file == path and n in parts)
+        # a tied head stored anyway (embed_out.weight beside the embedding) keeps the tied head's place
+        ordered += sorted(n for n, info in index.tensors.items() if info.file == path and n in parts and _source(n, arch) == n)
     ordered += [w for w in parts if w not in ordered]  # a tied head, read from the embedding
     specs: list[ParamSpec] = []
     for weight in ordered:
@@ -143,6 +144,35 @@ def plan_params(arch: NeoXArch, index: TensorIndex, quant: Quantization) -> list
             part = _encoded(name)[1]
             specs.append(ParamSpec(name, list(shape), dtype, src, part, 0 if part == "q_scale" else numel))
     return specs
+
+
+def skipped_tensors(arch: NeoXArch, index: TensorIndex, wanted: set[str]) -> list[str]:
+    """The checkpoint's tensors that are not weights MLC needs: known buffers, or a tied head's copy.
+
+    Anything else is a tensor this converter does not know, and converting without it could be
+    silently wrong: a one-line error names it.
+    """
+    skipped = []
+    for name in index.tensors:
+        if name in wanted:
+            continue
+        if is_buffer(name) or (arch.tie_word_embeddings and name == "embed_out.weight"):
+            skipped.append(name)
+            continue
+        raise WorkflowError(
+            f"checkpoint tensor {name} is neither a GPT-NeoX weight nor a known buffer "
+            "(attention.bias, attention.masked_bias, rotary_emb.inv_freq); refusing to convert without it"
+        )
+    return skipped
+
+
+def describe_skipped(names: list[str]) -> str:
+    """One log line: how many of each kind of tensor were skipped, with an example name."""
+    kinds: dict[str, list[str]] = {}
+    for name in names:
+        kinds.setdefault(re.sub(r"\.\d+\.", ".N.", name), []).append(name)
+    parts = [f"{len(v)} x {k}" + (" (tied to gpt_neox.embed_in.weight)" if k == "embed_out.weight" else "") for k, v in kinds.items()]
+    return f"skipped {len(names)} non-weight tensor(s): " + ", ".join(parts) if names else "skipped no tensors"
 
 
 def metadata_for(specs: list[ParamSpec]) -> dict[str, Any]:
@@ -167,6 +197,7 @@ def build_plan(
     arch, _ = load_arch(model_dir)
     index = index or TensorIndex(model_dir)
     specs = plan_params(arch, index, quant)
+    skipped = skipped_tensors(arch, index, {s.source for s in specs})
     shards = plan_shards([(s.name, s.shape, s.dtype) for s in specs], shard_cap_mb)
     return {
         "model_dir": str(Path(model_dir)),
@@ -176,6 +207,7 @@ def build_plan(
         "shards": [{"dataPath": s.data_path, "records": s.records} for s in shards],
         "metadata": metadata_for(specs),
         "allow_non_finite": allow_non_finite,
+        "skipped": skipped,
     }
 
 
@@ -420,6 +452,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             plan = plan_from_mlc_llm(args.config, args.quantization, Path(args.plan_only).with_name("mlc_llm-params"))
         else:
             plan = build_plan(args.config, args.quantization, args.shard_cap_mb, allow_non_finite=args.allow_non_finite)
+            print(describe_skipped(plan["skipped"]))
         write_json(args.plan_only, plan)
         return 0
     if args.shard is not None or args.index:
@@ -434,6 +467,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             convert_shard(plan, args.shard, args.output, threads=args.threads)
         return 0
     plan = convert(args.config, args.quantization, args.output, args.shard_cap_mb, args.threads, args.allow_non_finite)
+    print(describe_skipped(plan["skipped"]))
     print(f"wrote {len(plan['shards'])} shard(s), {len(plan['params'])} tensors to {args.output}")
     return 0
 

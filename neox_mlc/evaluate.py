@@ -327,13 +327,15 @@ def gguf_dequantized_state(model_dir: Path, gtype: str) -> tuple[dict[str, np.nd
     import gguf
     from gguf import quants
 
-    from neox_mlc.hf_checkpoint import TensorIndex
+    from neox_mlc.hf_checkpoint import TensorIndex, is_buffer
 
     qtype = getattr(gguf.GGMLQuantizationType, gtype)
     block, type_size = gguf.GGML_QUANT_SIZES[qtype]
     index = TensorIndex(model_dir)
     state, nbytes, numel = {}, 0, 0
     for name in index.tensors:
+        if is_buffer(name):  # the causal mask and friends are not weights (nor counted as parameters)
+            continue
         value = index.read(name).astype(np.float32)
         numel += value.size
         if value.ndim == 2 and value.shape[1] % block == 0:

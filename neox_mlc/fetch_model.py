@@ -7,6 +7,11 @@ are fetched only when a repo has no safetensors); a local path is checked for wh
 ``resources/models/<model>/`` with ``snapshot.json`` recording source, resolved revision and each
 file's size and sha256 — the provenance the bundle's MANIFEST quotes. Tokens (``HF_TOKEN``) are used
 by huggingface_hub from the environment and never written anywhere.
+
+With ``HF_HUB_OFFLINE=1`` nothing is asked of the Hub: the snapshot comes from the local Hugging Face
+cache (``HF_HUB_CACHE``/``HF_HOME``), and a revision that is not cached is a one-line error. With
+``--config-only`` just ``config.json`` is fetched (one small file), so that the workflow can check
+``max_seq_len`` against the model before gigabytes move.
 """
 
 from __future__ import annotations
@@ -14,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,11 +30,12 @@ from neox_mlc.common import (
     atomic_path,
     check_free_space,
     check_output,
+    read_json,
     run_cli,
     sha256_file,
     write_json,
 )
-from neox_mlc.hf_checkpoint import load_arch
+from neox_mlc.hf_checkpoint import arch_from_config, load_arch
 
 CONFIG_PATTERNS = ["config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json", "spiece.model", "*.model", "vocab.*", "merges.txt", "added_tokens.json"]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "sentencepiece.bpe.model")
@@ -48,6 +53,7 @@ def check_checkpoint(model_dir: Path) -> None:
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
+    src = Path(os.path.realpath(src))  # the HF cache's snapshot files are symlinks into blobs/
     try:
         os.link(src, dst)
     except OSError:
@@ -84,6 +90,63 @@ def download(repo: str, revision: str, dest: Path) -> str:
     return str(info.sha)
 
 
+def hub_offline() -> bool:
+    """``HF_HUB_OFFLINE`` as huggingface_hub reads it."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _not_cached(repo: str, revision: str, what: str) -> WorkflowError:
+    from huggingface_hub import constants
+
+    return WorkflowError(
+        f"HF_HUB_OFFLINE=1 and {what} of {repo}@{revision} is not in the Hugging Face cache {constants.HF_HUB_CACHE}; "
+        "download it once with network access, or set local_path to a checkpoint directory"
+    )
+
+
+def from_cache(repo: str, revision: str, dest: Path) -> str:
+    """Offline: link the cached snapshot's files into ``dest``; returns its commit sha."""
+    import fnmatch
+
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        folder = Path(snapshot_download(repo_id=repo, revision=revision))
+    except LocalEntryNotFoundError:
+        raise _not_cached(repo, revision, "the snapshot") from None
+    files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    patterns = allow_patterns(files)
+    for rel in files:
+        if "/" not in rel and any(fnmatch.fnmatch(rel, pat) for pat in patterns):
+            _link_or_copy(folder / rel, dest / rel)
+    return folder.name
+
+
+def fetch_config(out_file: Path, repo: str | None, revision: str, local_path: Path | None) -> None:
+    """Fetch ``config.json`` alone (and check its architecture): the first, small step of a fetch."""
+    with atomic_path(out_file) as tmp:
+        if local_path is not None:
+            if not (local_path / "config.json").is_file():
+                raise WorkflowError(f"model directory {local_path} has no config.json")
+            shutil.copyfile(local_path / "config.json", tmp)
+        else:
+            if not repo:
+                raise WorkflowError("model has neither hf_repo nor local_path")
+            from huggingface_hub import hf_hub_download
+            from huggingface_hub.errors import LocalEntryNotFoundError
+
+            try:
+                shutil.copyfile(hf_hub_download(repo, "config.json", revision=revision), tmp)
+            except LocalEntryNotFoundError:
+                if hub_offline():
+                    raise _not_cached(repo, revision, "config.json") from None
+                raise
+        arch_from_config(read_json(tmp, "model config.json"), f"{repo or local_path}: config.json")
+
+
 def fetch(out_dir: Path, repo: str | None, revision: str, local_path: Path | None) -> dict[str, Any]:
     """Materialise the snapshot atomically and return its provenance record."""
     inputs = [local_path] if local_path is not None else []
@@ -99,7 +162,7 @@ def fetch(out_dir: Path, repo: str | None, revision: str, local_path: Path | Non
         else:
             if not repo:
                 raise WorkflowError("model has neither hf_repo nor local_path")
-            resolved = download(repo, revision, tmp)
+            resolved = from_cache(repo, revision, tmp) if hub_offline() else download(repo, revision, tmp)
             shutil.rmtree(tmp / ".cache", ignore_errors=True)
             check_checkpoint(tmp)
             source = f"hf://{repo}"
@@ -119,6 +182,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     src.add_argument("--hf-repo")
     src.add_argument("--local-path")
     ap.add_argument("--revision", default="main")
+    ap.add_argument("--config-only", action="store_true", help="fetch config.json alone; -o names the file")
     ap.add_argument("-o", "--output", required=True)
     return ap.parse_args(argv)
 
@@ -128,7 +192,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     local = Path(a.local_path) if a.local_path else None
     if local is not None and not local.is_dir():
         raise WorkflowError(f"local model path {local} is not a directory")
-    fetch(Path(a.output), a.hf_repo, a.revision, local)
+    if a.config_only:
+        fetch_config(Path(a.output), a.hf_repo, a.revision, local)
+    else:
+        fetch(Path(a.output), a.hf_repo, a.revision, local)
     return 0
 
 

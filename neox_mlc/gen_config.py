@@ -4,8 +4,11 @@ Mirrors ``mlc_llm gen_config MODEL --quantization Q --conv-template T --context-
 Every architecture field is read from the Hugging Face config (never hard-coded for one size); the
 conversation template comes from data (``conv_templates`` in config.yaml) and is expanded here into
 MLC's full ``conv_template`` object. ``add_bos`` has no field of its own in MLC's schema: it becomes
-``system_prefix_token_ids`` (``[bos]`` or ``null``). The output is JSON-equal to what MLC-LLM wrote
-for the reference fixtures (tests/test_conformance.py).
+``system_prefix_token_ids`` (``[bos]`` or ``null``). One deliberate difference from MLC's verb: the
+checkpoint's ``eos_token_id`` joins the template's ``stop_token_ids`` (LINE's template stops on
+``[3, 0]`` but the model ends a reply with ``</s>``, id 2, and the runtime stops on the ids the
+chat config lists, so without it a reply would run on to the token limit). With ``--no-eos-stop`` the output is JSON-equal to what MLC-LLM wrote for the reference
+fixtures (tests/test_conformance.py).
 """
 
 from __future__ import annotations
@@ -77,6 +80,11 @@ def tokenizer_info(tokenizer_json: dict[str, Any] | None) -> dict[str, Any]:
     return info
 
 
+def stop_ids_with_eos(stop_ids: list[int], eos_token_id: int) -> list[int]:
+    """The template's stop ids, then the checkpoint's end-of-sequence id if the template lacks it."""
+    return list(stop_ids) + ([eos_token_id] if eos_token_id not in stop_ids else [])
+
+
 def make_chat_config(
     model_dir: str | Path,
     quantization: str,
@@ -86,8 +94,9 @@ def make_chat_config(
     tokenizer_dir: str | Path | None = None,
     prefill_chunk_size: int | None = None,
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+    eos_stop: bool = True,
 ) -> dict[str, Any]:
-    """Build the chat config dict (pure: reads files, writes nothing)."""
+    """Build the chat config dict (pure: reads files, writes nothing); ``eos_stop``: stop on eos too."""
     get_quantization(quantization)
     arch, hf = load_arch(model_dir)
     check_context_window(context_window_size, arch.max_position_embeddings)
@@ -101,6 +110,9 @@ def make_chat_config(
     active_vocab = Tokenizer.from_file(str(tok_path)).get_vocab_size(with_added_tokens=True)
     prefill = prefill_chunk_size or min(context_window_size, MAX_PREFILL_CHUNK)
     model_config = arch.model_config(context_window_size, prefill, max_batch_size).to_dict()
+    conv = conv_template(template_name, template, arch.bos_token_id)
+    if eos_stop:
+        conv["stop_token_ids"] = stop_ids_with_eos(conv["stop_token_ids"], arch.eos_token_id)
     return {
         "version": CHAT_CONFIG_VERSION,
         "model_type": "gpt_neox",
@@ -121,7 +133,7 @@ def make_chat_config(
         "top_p": 1.0,
         "tokenizer_files": [f for f in TOKENIZER_FILES if (tok_dir / f).is_file()],
         "tokenizer_info": tokenizer_info(tok),
-        "conv_template": conv_template(template_name, template, arch.bos_token_id),
+        "conv_template": conv,
         "pad_token_id": hf.get("pad_token_id") if hf.get("pad_token_id") is not None else 0,
         "bos_token_id": arch.bos_token_id,
         "eos_token_id": arch.eos_token_id,
@@ -141,6 +153,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE)
     ap.add_argument("--tokenizer-dir", help="directory with tokenizer.json (default: the model directory)")
     ap.add_argument("--skip-tokenizer-copy", action="store_true", help="write only mlc-chat-config.json")
+    ap.add_argument("--no-eos-stop", action="store_true", help="stop ids exactly as the template lists them (as mlc_llm does)")
     ap.add_argument("-o", "--output", required=True, help="output directory")
     return ap.parse_args(argv)
 
@@ -156,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         template = templates[args.conv_template]
     cfg = make_chat_config(
         args.config, args.quantization, args.conv_template, template, args.context_window_size,
-        args.tokenizer_dir, args.prefill_chunk_size, args.max_batch_size,
+        args.tokenizer_dir, args.prefill_chunk_size, args.max_batch_size, eos_stop=not args.no_eos_stop,
     )
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ import itertools
 import json
 import math
 import mmap
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,14 +26,23 @@ from neox_mlc.common import WorkflowError, read_json
 from neox_mlc.neox_config import NeoXConfig
 
 SUPPORTED_ARCHITECTURES = ("GPTNeoXForCausalLM",)
-_SAFETENSORS_DTYPES = {"F16": "float16", "F32": "float32", "BF16": "bfloat16", "F64": "float64"}
-_ITEMSIZE = {"float16": 2, "float32": 4, "bfloat16": 2, "float64": 8}
+_SAFETENSORS_DTYPES = {"F16": "float16", "F32": "float32", "BF16": "bfloat16", "F64": "float64", "BOOL": "bool"}
+_ITEMSIZE = {"float16": 2, "float32": 4, "bfloat16": 2, "float64": 8, "bool": 1}
 # Bytes per element of every safetensors dtype, to check a header's byte ranges even for tensors
 # (buffers) the converter does not use.
 _ST_ITEMSIZE = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
     "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
 }
+# Non-parameter buffers GPT-NeoX checkpoints of the transformers 4.2x era store next to the weights:
+# the causal mask (bool), the masking constant and the rotary frequencies. They are recomputed by
+# every runtime, so the converter skips them (LINE's 7.24 GB file holds 30 masks of 2048 x 2048).
+BUFFER_PATTERN = re.compile(r"^gpt_neox\.(layers\.\d+\.attention\.(bias|masked_bias|rotary_emb\.inv_freq)|rotary_emb\.inv_freq)$")
+
+
+def is_buffer(name: str) -> bool:
+    """True for a known GPT-NeoX buffer (not a weight): ``attention.bias``, ``masked_bias``, ``inv_freq``."""
+    return BUFFER_PATTERN.match(name) is not None
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,11 @@ def snapshot_dir(model: str) -> str:
     return f"resources/models/{model}"
 
 
+def model_config(model: str) -> str:
+    """The checkpoint's config.json fetched alone, before the weights (one small file)."""
+    return f"resources/configs/{model}/config.json"
+
+
 def tokenizer_dir(model: str) -> str:
     return f"build/{model}/tokenizer"
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from neox_mlc.common import WorkflowError
 from neox_mlc.hf_checkpoint import load_arch
-from neox_mlc.layout import TARGETS, UNBUILDABLE, bundle_id, model_lib, snapshot_dir
+from neox_mlc.layout import TARGETS, UNBUILDABLE, bundle_id, model_config, model_lib, snapshot_dir
 from neox_mlc.neox_config import MAX_PREFILL_CHUNK, check_context_window
 from neox_mlc.package_config import match_package_config, read_package_config
 from neox_mlc.quantization import QUANTIZATIONS
@@ -28,7 +28,7 @@ def model_max_positions(name: str, spec: dict[str, Any], root: Path) -> int | No
     for made_here in ("generate", "train"):
         if made_here in spec:
             return int(spec[made_here]["max_position_embeddings"])
-    candidates = [root / snapshot_dir(name)]
+    candidates = [root / Path(model_config(name)).parent, root / snapshot_dir(name)]
     if "local_path" in spec:
         candidates.insert(0, Path(spec["local_path"]))
     for folder in candidates:
@@ -36,6 +36,21 @@ def model_max_positions(name: str, spec: dict[str, Any], root: Path) -> int | No
             # the whole architecture is checked here, so a malformed config.json is named at planning
             return load_arch(folder)[0].max_position_embeddings
     return None
+
+
+def check_fetched_context_window(config: dict[str, Any], name: str, config_json: Path) -> None:
+    """``max_seq_len`` against a model's fetched config.json: runs before its weights are downloaded.
+
+    Why here and not only at planning time: for a Hugging Face model the limit is known only once
+    ``config.json`` (one small file) is fetched; the weights' download waits for this check. Prints
+    the one line too, since Snakemake reports an input function's error with its own context.
+    """
+    limit = load_arch(Path(config_json).parent)[0].max_position_embeddings
+    try:
+        check_context_window(config["max_seq_len"], limit)
+    except WorkflowError as err:
+        print(f"error: model {name!r}: {err}", file=sys.stderr)
+        raise WorkflowError(f"model {name!r}: {err}") from None
 
 
 def check_config(config: dict[str, Any], root: Path) -> None:

@@ -14,6 +14,7 @@ from neox_mlc.workflow_config import (
     check_config,
     download_url,
     plan_app,
+    check_fetched_context_window,
     put_interpreter_first_on_path,
     stop_on_bad_config,
 )
@@ -93,6 +94,13 @@ def fetch_source_args(wildcards):
     else:
         src = ["--hf-repo", spec["hf_repo"]]
     return shlex.join([*src, "--revision", spec["revision"]])
+
+
+def checked_model_config(wildcards):
+    """The model's config.json (fetched alone by model_config), once max_seq_len is checked against it."""
+    path = checkpoints.model_config.get(model=wildcards.model).output.config
+    check_fetched_context_window(config, wildcards.model, Path(path))
+    return path
 
 
 def fetch_inputs(wildcards):

@@ -29,10 +29,31 @@ rule generate_tiny_model:
         " --threads {threads} > {log} 2>&1"
 
 
+checkpoint model_config:
+    input:
+        fetch_inputs,
+        code=code("fetch_model"),
+    output:
+        config="resources/configs/{model}/config.json",
+    log:
+        "logs/{model}/model_config.log",
+    conda:
+        "../envs/hf.yaml"
+    resources:
+        mem_mb=per_attempt(1000),
+        runtime=per_attempt(10),
+    params:
+        source=fetch_source_args,
+    shell:
+        "python scripts/fetch_model.py {params.source} --config-only -o {output.config} > {log} 2>&1"
+
+
 rule fetch_model:
     input:
         fetch_inputs,
         code=code("fetch_model"),
+        # config.json alone first: a max_seq_len the model cannot hold stops here, before the download
+        model_config=checked_model_config,
     output:
         config="resources/models/{model}/config.json",
         snapshot="resources/models/{model}/snapshot.json",

@@ -1,7 +1,7 @@
 """Conformance with MLC-LLM itself, against the files MLC-LLM commit 79d603f wrote (shared fixtures).
 
 * converter: byte-identical shards and identical tensor-cache records and metadata, every mode;
-* gen_config: JSON-equal chat config, every mode;
+* gen_config: JSON-equal chat config, every mode (with ``eos_stop=False``; the default adds eos to the stop ids);
 * compile: the library exports MLC's function names with the same parameter names and a metadata
   function with the same keys; prefill/decode logits within 5e-3 max abs of MLC's and identical
   greedy tokens (q0f16, q4f16_1: the modes the fixtures hold logits for). Observed: ≤ 1.5e-3.
@@ -50,9 +50,13 @@ def test_converter_matches_mlc_byte_for_byte(quant, fixtures_dir, converted):
 @pytest.mark.parametrize("quant", ALL_QUANTS)
 def test_gen_config_matches_mlc(quant, fixtures_dir):
     template = load_templates()["line_llm"]
-    ours = make_chat_config(fixtures_dir / "model", quant, "line_llm", template, 768)
+    ours = make_chat_config(fixtures_dir / "model", quant, "line_llm", template, 768, eos_stop=False)
     ref = json.loads((fixtures_dir / quant / "mlc-chat-config.json").read_text())
     assert ours == ref  # no field legitimately differs: MLC's chat config carries no tool version
+    # the workflow's default adds the checkpoint's eos id to the stop ids, and changes nothing else
+    default = make_chat_config(fixtures_dir / "model", quant, "line_llm", template, 768)
+    ref["conv_template"]["stop_token_ids"] = ref["conv_template"]["stop_token_ids"] + [ref["eos_token_id"]]
+    assert default == ref
 
 
 @pytest.fixture(scope="module", params=["q0f16", "q4f16_1"])

@@ -45,7 +45,7 @@ def test_real_model_dry_run_plans_every_step_offline(wf, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     proc = run_snakemake(wf, "-n", f"dist/{REAL}-q4f16_0")
     assert planned_jobs(proc.stdout) == {
-        "fetch_model": 1, "tokenizer": 1, "weight_plan": 1, "weights_index": 1,
+        "model_config": 1, "fetch_model": 1, "tokenizer": 1, "weight_plan": 1, "weights_index": 1,
         "gen_config": 1, "compile": 1, "app_config": 1, "package": 1,
     }
     assert f"build/{REAL}/q4f16_0/lib/{REAL}-q4f16_0-iphone.tar" in proc.stdout
@@ -55,7 +55,7 @@ def test_real_model_dry_run_plans_every_step_offline(wf, monkeypatch):
 def test_real_default_target_and_command_line_knobs(wf):
     jobs = planned_jobs(run_snakemake(wf, "-n").stdout)
     assert jobs == {
-        "fetch_model": 1, "tokenizer": 1, "weight_plan": 2, "weights_index": 2,
+        "model_config": 1, "fetch_model": 1, "tokenizer": 1, "weight_plan": 2, "weights_index": 2,
         "gen_config": 2, "compile": 2, "app_config": 2, "package": 2, "app": 1, "all": 1,
     }
     out = run_snakemake(wf, "-n", "-p", "--config", "target=metal", "max_seq_len=512", "quantizations=[q4f16_1]").stdout
