@@ -22,7 +22,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-
 import numpy as np
 
 from neox_mlc.benchtools import GIB, make_checkpoint, run_child, write_result

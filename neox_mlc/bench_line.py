@@ -110,7 +110,7 @@ def snakemake_benchmarks(work: Path) -> dict[str, dict[str, Any]]:
     out = {}
     for tsv in sorted((work / "benchmarks").rglob("*.tsv")):
         head, row = tsv.read_text().splitlines()[:2]
-        rec = dict(zip(head.split("\t"), row.split("\t")))
+        rec = dict(zip(head.split("\t"), row.split("\t"), strict=True))
         out[str(tsv.relative_to(work / "benchmarks"))] = {"wall_s": float(rec["s"]), "max_rss_mb": float(rec["max_rss"]), "cpu_s": float(rec["cpu_time"])}
     return out
 

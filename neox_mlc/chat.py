@@ -16,7 +16,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-
 import numpy as np
 
 from neox_mlc.common import WorkflowError, read_json, run_cli

@@ -21,12 +21,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
 
 from neox_mlc.common import WorkflowError, atomic_path, check_output, read_json, run_cli, run_mlc_llm
 from neox_mlc.cuda_kernels import DEFAULT_ARCHS, fatbin_pack_imports, parse_archs, require_nvcc

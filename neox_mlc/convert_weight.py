@@ -19,13 +19,11 @@ from __future__ import annotations
 import argparse
 import re
 import shutil
-import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
-
 
 import numpy as np
 
@@ -301,7 +299,7 @@ class _Converter:
         return value
 
 
-def encode_shard(plan: dict[str, Any], shard_id: int, conv: "_Converter") -> list[memoryview]:
+def encode_shard(plan: dict[str, Any], shard_id: int, conv: _Converter) -> list[memoryview]:
     """The bytes of shard ``shard_id``, tensor by tensor, in plan order."""
     return [encode(np.ascontiguousarray(conv.tensor(rec["name"]))) for rec in _shard(plan, shard_id)["records"]]
 

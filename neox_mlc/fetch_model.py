@@ -23,7 +23,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-
 from neox_mlc.common import (
     OUTPUT_MARK,
     WorkflowError,
@@ -70,11 +69,11 @@ def allow_patterns(repo_files: list[str]) -> list[str]:
 
 def download(repo: str, revision: str, dest: Path) -> str:
     """Download into ``dest``; returns the resolved commit sha."""
+    import fnmatch
+
     from huggingface_hub import HfApi, snapshot_download
 
     from neox_mlc.hub import configure_hub, hub_call
-
-    import fnmatch
 
     timeout = configure_hub()
     what = f"model info of {repo}@{revision}"

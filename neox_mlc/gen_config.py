@@ -16,19 +16,17 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-
 import yaml
 
 from neox_mlc.common import REPO_ROOT, WorkflowError, read_json, run_cli, write_json
-from neox_mlc.hf_checkpoint import NeoXArch, load_arch
+from neox_mlc.hf_checkpoint import load_arch
 from neox_mlc.neox_config import DEFAULT_MAX_BATCH_SIZE, MAX_PREFILL_CHUNK, check_context_window
-from neox_mlc.templates import validate_template
 from neox_mlc.quantization import QUANTIZATIONS, get_quantization
+from neox_mlc.templates import validate_template
 
 CHAT_CONFIG_VERSION = "0.1.0"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "vocab.json", "merges.txt", "added_tokens.json", "tokenizer_config.json")

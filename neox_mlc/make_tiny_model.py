@@ -13,10 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
-
 
 from neox_mlc.common import WorkflowError, atomic_path, check_output, run_cli, usable_cpus
 

@@ -194,7 +194,7 @@ def build_tokenizer(spm_path: Path) -> tuple[Any, dict[str, Any]]:
     exceptions: list[str] = []
     if proto.normalizer_spec.name in NFKC_RULES:
         exceptions = _nfkc_exceptions(proto, sp)
-        shields = dict(zip(exceptions, _SENTINELS))
+        shields = dict(zip(exceptions, _SENTINELS, strict=False))
     tok = _assemble(proto, shields)
     report = {
         "source": spm_path.name,

@@ -48,7 +48,7 @@ def verify_params(params_dir: str | Path) -> dict[str, Any]:
     if missing:
         raise WorkflowError(f"params index {params_dir / 'tensor-cache.json'} records no md5sum for {missing[0]}; cannot verify it")
     paths = [params_dir / s["dataPath"] for s in shards]
-    for shard, path, digest in zip(shards, paths, _digests(paths, "md5")):
+    for shard, path, digest in zip(shards, paths, _digests(paths, "md5"), strict=True):
         if digest != shard["md5sum"]:
             raise WorkflowError(
                 f"params shard {path} is corrupt: md5 {digest}, tensor-cache.json records {shard['md5sum']}"
@@ -79,7 +79,7 @@ def verify_bundle(bundle: str | Path) -> dict[str, Any]:
     extra = sorted(f for f in present - set(listed) if Path(f).name not in _UNLISTED)
     if extra:
         raise WorkflowError(f"bundle file {bundle / extra[0]} is not in MANIFEST.json ({len(extra)} unlisted file(s))")
-    for rel, digest in zip(listed, _digests([bundle / r for r in listed], "sha256")):
+    for rel, digest in zip(listed, _digests([bundle / r for r in listed], "sha256"), strict=True):
         if digest != files[rel]["sha256"]:
             raise WorkflowError(f"bundle file {bundle / rel} is corrupt: sha256 {digest}, MANIFEST.json records {files[rel]['sha256']}")
     return manifest

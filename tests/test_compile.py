@@ -20,8 +20,9 @@ from neox_mlc.common import WorkflowError
 from neox_mlc.compile import make_target
 from neox_mlc.convert_weight import convert
 from neox_mlc.gen_config import load_templates, make_chat_config
-from bundle_reference import hf_state_from_cache, in_features_of
 from neox_mlc.reference import hf_logits, load_hf_model
+
+from bundle_reference import hf_state_from_cache, in_features_of
 
 CONTEXT = 96
 PROMPT_TEXT = "ユーザー: 日本で一番高い山は何ですか?<NL>システム: 日本で一番高い山は富士山です。"
@@ -230,7 +231,7 @@ def test_weights_are_read_as_stored_never_transposed_or_unpacked_per_call(quant,
         for name, func in prims.items():
             if "NT_matmul" in name:
                 loops = []
-                tirx.stmt_functor.post_order_visit(func.body, lambda s: loops.append(s.kind) if isinstance(s, tirx.For) else None)
+                tirx.stmt_functor.post_order_visit(func.body, lambda s, loops=loops: loops.append(s.kind) if isinstance(s, tirx.For) else None)
                 assert tirx.ForKind.PARALLEL in loops, name
 
 

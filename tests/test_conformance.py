@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ALL_QUANTS, FIXTURES, SHARED_FIXTURES
 from neox_mlc.gen_config import load_templates, make_chat_config
+
+from conftest import ALL_QUANTS, FIXTURES, SHARED_FIXTURES
 
 LOGIT_TOL = 5e-3  # the fixture README's bound; MLC's own q0f16 differs from float32 numpy by 1.4e-3
 

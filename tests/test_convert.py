@@ -7,10 +7,11 @@ import sys
 
 import pytest
 
-from conftest import REPO
 from neox_mlc.common import WorkflowError
 from neox_mlc.convert_weight import build_plan, convert, convert_shard
 from neox_mlc.tensor_cache import plan_shards
+
+from conftest import REPO
 
 
 def _copy_model(src, dst):

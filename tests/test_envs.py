@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import rule_blocks, rule_entry_scripts
 from neox_mlc.codedeps import code_inputs
+
+from conftest import rule_blocks, rule_entry_scripts
 
 REPO = Path(__file__).resolve().parent.parent
 PIN = re.compile(r"^([A-Za-z0-9_.\-]+)==([^\s#]+)")

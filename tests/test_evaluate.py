@@ -6,8 +6,9 @@ import json
 import numpy as np
 import pytest
 
-from conftest import copy_workflow, run_snakemake
 from neox_mlc.evaluate import compare, eval_windows, kl_divergence, perplexity, token_nll, top1_agreement
+
+from conftest import copy_workflow, run_snakemake
 
 ALL = ["q0f32", "q0f16", "q4f16_0", "q4f16_1", "q4f32_1", "q3f16_1"]
 

@@ -14,8 +14,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import REPO, copy_workflow, run_snakemake
 from neox_mlc.common import WorkflowError
+
+from conftest import REPO, copy_workflow, run_snakemake
 
 TINY = "tiny-neox-ja"
 

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, copy_workflow, run_snakemake
 
 from neox_mlc.common import WorkflowError
+
+from conftest import REPO, copy_workflow, run_snakemake
 
 REAL = "japanese-large-lm-3.6b-instruction-sft"
 REAL_REPO = "line-corporation/japanese-large-lm-3.6b-instruction-sft"

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO
 
 from neox_mlc.common import WorkflowError
 from neox_mlc.corpus import deb_members, is_heldout, prepare, roff_to_text
 from neox_mlc.evaluate import aggregate, bootstrap_ci, compare, position_metrics, text_ids, unigram_baseline
+
+from conftest import REPO
 
 # ---------------------------------------------------------------- roff -> text
 

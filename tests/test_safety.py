@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
+
 from conftest import REPO, copy_workflow, run_snakemake
 
 QUANT = "q4f16_0"

@@ -4,9 +4,10 @@ import json
 
 import pytest
 
-from conftest import REPO
 from neox_mlc.common import WorkflowError
 from neox_mlc.make_tokenizer import PROBE, make_tokenizer
+
+from conftest import REPO
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +37,11 @@ def test_sentencepiece_only_checkpoint_gets_a_fast_tokenizer_json(spm_model_dir,
 
 
 def test_directory_without_tokenizer_is_a_one_line_error(tmp_path):
-    (tmp_path / "config.json").write_text("{}")
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
     with pytest.raises(WorkflowError, match="cannot load a tokenizer from"):
-        make_tokenizer(tmp_path, tmp_path / "out")
+        make_tokenizer(model, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import WORKFLOW_SOURCES, copy_workflow, run_snakemake
 from neox_mlc.common import OUTPUT_MARK, sha256_file
+
+from conftest import WORKFLOW_SOURCES, copy_workflow, run_snakemake
 
 REAL = "japanese-large-lm-3.6b-instruction-sft"
 TINY = "tiny-neox-ja"
@@ -442,9 +443,8 @@ def _downstream(graph: dict[str, set[str]], start: set[str]) -> set[str]:
 def test_editing_each_library_module_reruns_exactly_its_dependants(tiny_build):
     """Expected: the rules whose entry script imports the module (Python's own modulefinder, not the
     workflow's derivation), and everything downstream of them in Snakemake's rule graph."""
-    from test_codedeps import _oracle
-
     from conftest import rule_entry_scripts
+    from test_codedeps import _oracle
 
     graph = _rule_graph(tiny_build)
     entries = rule_entry_scripts()
