@@ -306,8 +306,8 @@ class ParallelReductions(ScheduleRule):
                 continue
             loops = sch.get_loops(info.block_rv)
             kinds = info.dom_kind()
-            spatial = [lp for lp, k in zip(loops, kinds) if k == "S"]
-            reduction = [lp for lp, k in zip(loops, kinds) if k == "R"]
+            spatial = [lp for lp, k in zip(loops, kinds, strict=False) if k == "S"]
+            reduction = [lp for lp, k in zip(loops, kinds, strict=False) if k == "R"]
             if not spatial or not reduction:
                 continue
             try:

@@ -57,7 +57,7 @@ def _parallel_loops_reading(func, buffer_name: str) -> list:
 
             def realize(s):
                 if isinstance(s, tirx.SBlockRealize):
-                    binding = {iv.var: value for iv, value in zip(s.block.iter_vars, s.iter_values)}
+                    binding = {iv.var: value for iv, value in zip(s.block.iter_vars, s.iter_values, strict=True)}
                     rows.extend(
                         tirx.stmt_functor.substitute(r.region[0].min, binding)
                         for r in s.block.reads
