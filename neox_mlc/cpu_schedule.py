@@ -41,7 +41,7 @@ ROWS_PER_TASK = 16  # GEMV output rows per parallel task
 OUTER_WIDTHS = (256, 128, 64, 32)
 # GEMV over [K, N], split over K: packed-word rows per task. One step of the 162 M q4f16_0 model's
 # output head (K 768, N 50432, one thread, weights out of cache): 5.8 ms swept by column blocks,
-# 3.4 ms split over K (prototype timings, /tmp; docs/benchmarks/runtime-decode-profile.json has the model's).
+# 3.4 ms split over K (kernel alone; the whole model before/after: docs/benchmarks/runtime-decode-profile-gemv.json).
 SPLIT_ROWS = 8
 # ... and up to this many outputs, a task sweeps each word row whole (its partial row, 16 KiB, stays in
 # L1): 162 M MLP down (K 3072, N 768) 0.32 → 0.19 ms; wider rows go in OUTER_WIDTHS blocks (head: 3.4 vs 4.0 ms).

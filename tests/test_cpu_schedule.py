@@ -93,7 +93,7 @@ def test_q4_0_gemv_tasks_stream_whole_rows_of_words():
     """Each parallel task reads its own block of packed-word rows (K), across all of N, with SIMD over N.
 
     Swept by output blocks instead, each task read a 1 KiB piece of every one of the K/8 rows: the
-    162 M model's output head took 5.8 ms a step instead of 3.4 (docs/benchmarks/runtime-decode-profile.json).
+    162 M model's output head took 6.5 ms a step instead of 4.2 (docs/benchmarks/runtime-decode-profile-gemv.json).
     """
     from tvm import tirx
 
