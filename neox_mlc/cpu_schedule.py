@@ -7,8 +7,11 @@ are dlight rules, tried in order on each fused kernel:
   product over the stored weight row. Rows run in parallel; the reduction is split into
   ``GEMV_LANES`` independent float32 partial sums kept in registers (rfactor + unroll), which
   LLVM's SLP vectoriser turns into SIMD over K. A weight stored ``[K, N]`` (the ``_0`` layouts)
-  is instead swept row by row, accumulating a wide block of outputs in a local buffer, each
-  packed word loaded once per ``LANES`` rows of K. Epilogues (bias, residual, casts) are computed at the row.
+  is instead split over K: each parallel task owns ``SPLIT_ROWS`` consecutive rows of packed words
+  (a few contiguous memory streams the hardware prefetcher follows, instead of one 1 KiB piece of
+  every row of K) and sweeps them across N (each row whole when N is small), ``LANES`` unpacked weights per loaded word
+  accumulated into explicit 8-wide SIMD sums; a second, small pass adds the tasks' partial rows.
+  Epilogues (bias, residual, casts) are computed in that pass.
 * :class:`Matmul` — several tokens (prefill): register tiles of ``MR`` tokens × ``NR`` output
   rows × ``LANES`` partial sums, so each loaded weight vector is used ``MR`` times and each token
   vector ``NR`` times.
@@ -36,6 +39,14 @@ ROWS_PER_TASK = 16  # GEMV output rows per parallel task
 # GEMV over a weight stored [K, N]: outputs swept together per packed word, widest that divides N
 # (162 M q4f16_0 decode, 2 threads: 32 → 38, 256 → 67 tok/s).
 OUTER_WIDTHS = (256, 128, 64, 32)
+# GEMV over [K, N], split over K: packed-word rows per task. One step of the 162 M q4f16_0 model's
+# output head (K 768, N 50432, one thread, weights out of cache): 5.8 ms swept by column blocks,
+# 3.4 ms split over K (kernel alone; the whole model before/after: docs/benchmarks/runtime-decode-profile-gemv.json).
+SPLIT_ROWS = 8
+# ... and up to this many outputs, a task sweeps each word row whole (its partial row, 16 KiB, stays in
+# L1): 162 M MLP down (K 3072, N 768) 0.32 → 0.19 ms; wider rows go in OUTER_WIDTHS blocks (head: 3.4 vs 4.0 ms).
+WHOLE_ROW_MAX = 4096
+SIMD = 8  # float32 lanes of one AVX2 register: the explicitly vectorised loop over outputs
 MR, NR = 4, 4  # Matmul register tile: tokens × output rows (× LANES partial sums: 16 registers)
 CHUNK = 16  # generic reduction rows per parallel task
 SPATIAL_CHUNK = 1024  # elementwise kernels: elements per parallel task
@@ -161,7 +172,11 @@ class GEMV(_MatmulRule):
         return _outer_width(parts.n) is not None and parts.k % LANES == 0
 
     def schedule(self, sch: Any, parts: _MatmulParts) -> Any:
-        return self._inner(sch, parts) if parts.inner else self._outer(sch, parts)
+        if parts.inner:
+            return self._inner(sch, parts)
+        if parts.k % (SPLIT_ROWS * LANES) == 0 and parts.n % SIMD == 0:
+            return self._split_k(sch, parts)
+        return self._outer(sch, parts)
 
     @staticmethod
     def _inner(sch: Any, parts: _MatmulParts) -> Any:
@@ -193,6 +208,35 @@ class GEMV(_MatmulRule):
         sch.decompose_reduction(parts.block, k0)
         sch.unroll(k1)
         # n1 stays a loop: LLVM vectorises it; unrolling it too doubled compile time for ~10 %
+        return sch
+
+    @staticmethod
+    def _split_k(sch: Any, parts: _MatmulParts) -> Any:
+        """``[K, N]`` weight: partial sums per block of K rows (parallel), then one pass adding them.
+
+        Why: swept by output blocks, a task reads a short piece of every one of the K/8 word rows
+        (strides of 4·N bytes), which defeats the prefetcher; here a task streams ``SPLIT_ROWS``
+        whole rows. The word and scale are loaded once per ``SIMD`` outputs and ``LANES`` rows of K.
+        """
+        *spatial, k = sch.get_loops(parts.block)
+        _fused(sch, spatial)
+        kt, _ = sch.split(k, factors=[None, SPLIT_ROWS * LANES])
+        rf = sch.rfactor(kt, factor_axis=0)  # partials [K / (SPLIT_ROWS·LANES), ..., N]: contiguous in N
+        n, kt, kr = sch.get_loops(rf)
+        width = parts.n if parts.n <= WHOLE_ROW_MAX else _outer_width(parts.n) or SIMD
+        n0, n1 = sch.split(n, factors=[None, width])
+        n10, n11 = sch.split(n1, factors=[None, SIMD])
+        kr0, kr1 = sch.split(kr, factors=[None, LANES])  # LANES consecutive k share a packed word
+        sch.reorder(kt, n0, kr0, n10, kr1, n11)
+        sch.parallel(kt)
+        sch.vectorize(n11)  # before decompose_reduction: afterwards the loop no longer holds a whole reduction block
+        sch.decompose_reduction(rf, kr0)
+        sch.unroll(kr1)
+        *out, r = sch.get_loops(parts.block)
+        o0, o1 = sch.split(_fused(sch, out), factors=[None, _outer_width(parts.n) or SIMD])
+        sch.reorder(o0, r, o1)
+        _attach_epilogues(sch, parts, o0)
+        sch.parallel(o0)
         return sch
 
 
@@ -262,8 +306,8 @@ class ParallelReductions(ScheduleRule):
                 continue
             loops = sch.get_loops(info.block_rv)
             kinds = info.dom_kind()
-            spatial = [lp for lp, k in zip(loops, kinds) if k == "S"]
-            reduction = [lp for lp, k in zip(loops, kinds) if k == "R"]
+            spatial = [lp for lp, k in zip(loops, kinds, strict=False) if k == "S"]
+            reduction = [lp for lp, k in zip(loops, kinds, strict=False) if k == "R"]
             if not spatial or not reduction:
                 continue
             try:
