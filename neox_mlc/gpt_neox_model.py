@@ -311,7 +311,7 @@ def add_kv_cache_creation(mod: Any, model: GPTNeoXForCausalLM) -> Any:
 
     cfg = model.cfg
     tvars = [tirx.Var(n, "int64") for n in KV_CACHE_ARGS]
-    params = [rx.Var(n, ShapeType(values=[v])) for n, v in zip(KV_CACHE_ARGS, tvars)]
+    params = [rx.Var(n, ShapeType(values=[v])) for n, v in zip(KV_CACHE_ARGS, tvars, strict=True)]
     bb = rx.BlockBuilder(mod)
     with bb.function("create_tir_paged_kv_cache", params):
         cache = TIRPagedKVCache(
