@@ -119,6 +119,15 @@ def verdict(row: dict[str, Any], peers: list[dict[str, Any]]) -> str:
 # ---------------------------------------------------------------- the figure
 
 
+def _err(value: float, low: float, high: float) -> list[list[float]]:
+    """Error-bar extents of a bootstrap interval around ``value``.
+
+    Why clipped: a percentile interval over chunks can miss the pooled estimate by a hair (chunks
+    differ in size, and KL is clamped at 1e-12 for the log axis); matplotlib refuses negative extents.
+    """
+    return [[max(value - low, 0.0)], [max(high - value, 0.0)]]
+
+
 def _label(row: dict[str, Any]) -> str:
     return f"{row['method']}  ·  {float(row['bits_per_param']):.2f} bits"
 
@@ -140,14 +149,14 @@ def plot(path: Path, table: list[dict[str, Any]], title: str, subtitle: str = ""
         kl, p99 = max(float(row["kl_mean"]), 1e-12), max(float(row["kl_p99"]), 1e-12)
         if row["kl_mean_ci_low"] != "":
             klo, khi = max(float(row["kl_mean_ci_low"]), 1e-12), max(float(row["kl_mean_ci_high"]), 1e-12)
-            axes[0].errorbar(kl, yi, xerr=[[kl - klo], [khi - kl]], fmt=marker, color=color, capsize=3, ms=7)
+            axes[0].errorbar(kl, yi, xerr=_err(kl, klo, khi), fmt=marker, color=color, capsize=3, ms=7)
         else:
             axes[0].plot(kl, yi, marker, color=color, ms=7)
         axes[0].plot(p99, yi, marker, mfc="none", color=color, ms=7)
         d = float(row["delta_ppl"])
         if row["delta_ppl_ci_low"] != "":
             dlo, dhi = float(row["delta_ppl_ci_low"]), float(row["delta_ppl_ci_high"])
-            axes[1].errorbar(d, yi, xerr=[[d - dlo], [dhi - d]], fmt=marker, color=color, capsize=3, ms=7)
+            axes[1].errorbar(d, yi, xerr=_err(d, dlo, dhi), fmt=marker, color=color, capsize=3, ms=7)
         else:
             axes[1].plot(d, yi, marker, color=color, ms=7)
         axes[2].plot(float(row["top1_agreement_pct"]), yi, marker, color=color, ms=7)
