@@ -137,12 +137,21 @@ def fetch_config(out_file: Path, repo: str | None, revision: str, local_path: Pa
             from huggingface_hub import hf_hub_download
             from huggingface_hub.errors import LocalEntryNotFoundError
 
-            try:
-                shutil.copyfile(hf_hub_download(repo, "config.json", revision=revision), tmp)
-            except LocalEntryNotFoundError:
-                if hub_offline():
+            from neox_mlc.hub import configure_hub, hub_call
+
+            if hub_offline():
+                try:
+                    shutil.copyfile(hf_hub_download(repo, "config.json", revision=revision), tmp)
+                except LocalEntryNotFoundError:
                     raise _not_cached(repo, revision, "config.json") from None
-                raise
+            else:
+                # online: the same timeouts and bounded retries as every other hub request
+                timeout = configure_hub()
+                path = hub_call(
+                    lambda: hf_hub_download(repo, "config.json", revision=revision, etag_timeout=timeout),
+                    f"config.json of {repo}@{revision}", timeout,
+                )
+                shutil.copyfile(path, tmp)
         arch_from_config(read_json(tmp, "model config.json"), f"{repo or local_path}: config.json")
 
 

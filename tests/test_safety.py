@@ -151,7 +151,7 @@ def made(tmp_path_factory, fixtures_dir, compiled) -> dict[str, Path]:
     lib = root / "lib" / "m-llvm.so"
     lib.parent.mkdir()
     shutil.copy2(compiled(paths["params"] / "mlc-chat-config.json", "llvm"), lib)
-    ok("package", "app-config", "--model-id", "m", "--model-lib", "m_", "--params", "params", "--chat-config",
+    ok("package", "app-config", "--model-id", "m", "--model-lib", "m", "--lib", str(lib), "--chat-config",
        "params/mlc-chat-config.json", "--seed-out", "app-config.json", "--mlc-out", "mlc-app-config.json")
     paths["bundle_args"] = root / "bundle_args.json"
     args = ["package", "bundle", "--model-id", "m", "--params", "params", "--chat-config", "params/mlc-chat-config.json",
@@ -403,8 +403,9 @@ def test_failed_job_shows_its_cause_and_no_traceback(tmp_path):
     assert proc.returncode != 0
     console = proc.stdout + proc.stderr
     assert "Traceback" not in console, console[-3000:]
-    cause = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: rule fetch_model")]
-    assert len(cause) == 1 and "could not be reached" in cause[0] and "fetch_model.log" in cause[0], console[-3000:]
+    # the first hub contact is the config-only fetch (model_config), before any weights
+    cause = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: rule model_config")]
+    assert len(cause) == 1 and "could not be reached" in cause[0] and "model_config.log" in cause[0], console[-3000:]
 
 
 def _workflow_with_local_model(wf: Path, model: Path) -> None:
