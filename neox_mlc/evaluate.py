@@ -34,6 +34,7 @@ import numpy as np
 
 from neox_mlc.common import WorkflowError, read_json, run_cli, write_json
 from neox_mlc.quantization import GGUF_PEER_TYPES
+from neox_mlc.spm_tokenizer import piece_id
 
 DEFAULT_PROMPTS = ("日本で一番高い山は何ですか?", "雨の日の過ごし方を提案してください。")
 
@@ -187,7 +188,7 @@ def load_text(text: str | None, hf_dataset: str | None, split: str | None) -> st
 
 def text_ids(tok: Any, text: str) -> list[int]:
     """Each non-empty line tokenized alone and followed by ``</s>``: documents as the model was trained on them."""
-    eos = tok.token_to_id("</s>")
+    eos = piece_id(tok, "</s>")
     if eos is None:
         raise WorkflowError("the tokenizer has no </s> token to separate evaluation documents")
     ids: list[int] = []
@@ -380,7 +381,7 @@ def evaluate_gguf(
 
         # the config's template data expanded as gen_config writes it into the chat config
         template = conv_template("evaluation", template, int(ref.config.bos_token_id or 0))
-        stop = set(template["stop_token_ids"]) | {tok.token_to_id("</s>")}
+        stop = set(template["stop_token_ids"]) | {piece_id(tok, "</s>")}
         result["answers"] = side_by_side(tok, template, prompts, lambda ids: greedy_hf(test, ids, answer_tokens, stop),
                                          lambda ids: greedy_hf(ref, ids, answer_tokens, stop))  # fmt: skip
     return result

@@ -38,6 +38,11 @@ from neox_mlc.common import WorkflowError
 SPM_FILES = ("spiece.model", "tokenizer.model", "sentencepiece.bpe.model")
 NFKC_RULES = ("nfkc", "nmt_nfkc", "nfkc_cf", "nmt_nfkc_cf")
 _SENTINELS = [chr(c) for c in range(0xFDD0, 0xFDF0)]  # noncharacters: never in interchanged text
+# Prefixed to control and unknown pieces in the vocabulary so that no text can ever match them (the
+# decoder strips it again). A low score alone is not enough: tokenizers scores an unknown character
+# from the lowest score in the whole vocabulary, so a run of unknown characters spelling ``</s>``
+# would still prefer the control piece.
+_HIDDEN = "\uffff"
 _UNK_PENALTY = 10.0  # SentencePiece's (and tokenizers') score of an unknown node below the minimum
 
 # Strings where a converter can go wrong: widths, digits, emoji, whitespace, English, the LINE prompt,
@@ -118,8 +123,10 @@ def _vocab(proto: Any) -> tuple[list[tuple[str, float]], set[str], list[str], in
         elif p.type == kind.USER_DEFINED:
             vocab.append((p.piece, len(p.piece) * top + 1.0))
             user.append(p.piece)
+        elif p.type == kind.BYTE:
+            vocab.append((p.piece, never))  # byte fallback looks these up by their text
         else:
-            vocab.append((p.piece, never))
+            vocab.append((_HIDDEN + p.piece, never))
             if p.type == kind.UNKNOWN:
                 unk = i
     if unk is None:
@@ -162,7 +169,7 @@ def _assemble(proto: Any, shields: dict[str, str]) -> Any:
     if symbols:  # a run of unknown characters must not swallow the start of a symbol
         unknown = f"(?:(?!{'|'.join(symbols)}){unknown})"
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("|".join([*symbols, unknown + "+"])), behavior="isolated")
-    steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    steps = [decoders.Replace(_HIDDEN, ""), decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
     if proto.normalizer_spec.add_dummy_prefix:
         steps.append(decoders.Strip(" ", 1, 0))
     tok.decoder = decoders.Sequence(steps)
@@ -223,3 +230,9 @@ def check_faithful(tok: Any, spm_path: Path, texts: Iterable[str]) -> int:
             )
         n += 1
     return n
+
+
+def piece_id(tok: Any, piece: str) -> int | None:
+    """The id of ``piece`` in a tokenizer, also where it is a control piece kept unmatchable (``</s>``)."""
+    found = tok.token_to_id(piece)
+    return found if found is not None else tok.token_to_id(_HIDDEN + piece)
