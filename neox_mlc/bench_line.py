@@ -26,12 +26,13 @@ from typing import Any
 
 import yaml
 
-from neox_mlc.benchtools import GIB, REPO, run_child, write_result
+from neox_mlc.benchtools import GIB, copy_workflow, run_child, write_result
 from neox_mlc.common import WorkflowError, run_cli
 from neox_mlc.line_fixture import LINE_SHAPE, make_line_checkpoint
 
 MODEL = "line-3.6b-standin"
 QUANT = "q4f16_0"
+WORK_MARKER = ".neox-mlc-bench-line"
 WORKFLOW = ("Snakefile", "config", "config.yaml", "data", "envs", "neox_mlc", "profiles", "pyproject.toml", "report", "rules", "scripts")
 
 
@@ -127,15 +128,14 @@ def machine() -> dict[str, Any]:
 
 def prepare(work: Path, shape: dict[str, int]) -> dict[str, Any]:
     """A fresh copy of the workflow in ``work`` with the stand-in checkpoint and an overlay config."""
-    if work.exists():
+    if work.exists() and any(work.iterdir()):
+        # only ever delete a work directory this benchmark made
+        if not (work / WORK_MARKER).is_file():
+            raise WorkflowError(f"--workdir {work} is not empty and was not made by bench_line; allowed: an empty or new directory")
         shutil.rmtree(work)
-    work.mkdir(parents=True)
-    for name in WORKFLOW:
-        src = REPO / name
-        if src.is_dir():
-            shutil.copytree(src, work / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-        else:
-            shutil.copy2(src, work / name)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / WORK_MARKER).write_text("bench_line work directory: removed and rewritten by the next run\n")
+    copy_workflow(work, WORKFLOW)
     ckpt = work / "resources" / "standin"
     t0 = time.perf_counter()
     make_line_checkpoint(ckpt, **shape)
@@ -175,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--full-size", action="store_true", help="LINE's 3.6B shape (~7.2 GB checkpoint, ~15 min on 2 cores)")
     ap.add_argument("--hidden-size", type=int, default=256)
     ap.add_argument("--num-layers", type=int, default=4)
-    ap.add_argument("--workdir", default="/tmp/neox-mlc-bench-line", help="scratch directory (removed and rewritten)")
+    ap.add_argument("--workdir", default="/tmp/neox-mlc-bench-line", help="scratch directory (new or empty; one made by an earlier run is removed and rewritten)")
     ap.add_argument("--cores", type=int, default=2)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--decode", type=int, default=64)

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Self
 
@@ -19,6 +21,17 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 GIB = 1 << 30
+
+
+def copy_workflow(dest: Path, names: Sequence[str]) -> Path:
+    """Copy the named top-level entries of this checkout (the workflow's sources, no outputs) into ``dest``."""
+    for name in names:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        else:
+            shutil.copy2(src, dest / name)
+    return dest
 
 
 def make_checkpoint(out: Path, hidden: int, layers: int, vocab: int, shards: int, seed: int = 0, heads: int | None = None) -> dict[str, Any]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -98,13 +97,9 @@ WORKFLOW_SOURCES = _workflow_sources()
 
 def copy_workflow(dest: Path) -> Path:
     """A fresh copy of the workflow sources (no outputs) to run Snakemake in."""
-    for name in WORKFLOW_SOURCES:
-        src = REPO / name
-        if src.is_dir():
-            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-        else:
-            shutil.copy2(src, dest / name)
-    return dest
+    from neox_mlc.benchtools import copy_workflow as copy_entries
+
+    return copy_entries(dest, WORKFLOW_SOURCES)
 
 
 def rule_blocks() -> dict[str, str]:

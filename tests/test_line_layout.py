@@ -276,3 +276,14 @@ def test_quality_reference_reads_the_real_layout(line_model):
     assert not any("attention.bias" in n or "inv_freq" in n for n in state) and 8 < bits < 9
     model = load_hf_model(line_model, state)
     assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+
+
+def test_bench_line_never_deletes_a_workdir_it_did_not_make(tmp_path):
+    from neox_mlc.bench_line import prepare
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.txt").write_text("a user's file")
+    with pytest.raises(WorkflowError, match=r"^--workdir .*mine is not empty and was not made by bench_line; allowed: an empty or new directory$"):
+        prepare(mine, {"hidden": 96, "layers": 1, "heads": 1, "inter": 384, "max_pos": 2048, "vocab": 51200})
+    assert (mine / "thesis.txt").read_text() == "a user's file"
