@@ -12,6 +12,10 @@ are dlight rules, tried in order on each fused kernel:
   every row of K) and sweeps them across N (each row whole when N is small), ``LANES`` unpacked weights per loaded word
   accumulated into explicit 8-wide SIMD sums; a second, small pass adds the tasks' partial rows.
   Epilogues (bias, residual, casts) are computed in that pass.
+* :class:`GroupedGEMV` — one token against a ``[K, N]`` group-quantized weight, as the model writes it
+  for the host (``gpt_neox_model.grouped_nt_matmul_te``: codes meet ``x`` unscaled, each group's sum is
+  scaled once). Split over K like the GEMV above; the group sums of ``SIMD``-multiple outputs stay in
+  registers, so a weight costs a mask, a convert and a multiply-add.
 * :class:`Matmul` — several tokens (prefill): register tiles of ``MR`` tokens × ``NR`` output
   rows × ``LANES`` partial sums, so each loaded weight vector is used ``MR`` times and each token
   vector ``NR`` times.
@@ -47,9 +51,24 @@ SPLIT_ROWS = 8
 # L1): 162 M MLP down (K 3072, N 768) 0.32 → 0.19 ms; wider rows go in OUTER_WIDTHS blocks (head: 3.4 vs 4.0 ms).
 WHOLE_ROW_MAX = 4096
 SIMD = 8  # float32 lanes of one AVX2 register: the explicitly vectorised loop over outputs
+# GroupedGEMV: groups of K per parallel task, and outputs whose group sums stay in registers: 4 AVX-512
+# registers or 2 AVX2 ones (162.5 M q4f16_0, CPU ms of one decode step's matmuls, one thread: AVX2 8 →
+# 16 → 32 outputs 10.2 → 8.5 → 9.0; AVX-512 32 → 64 outputs 6.8 → 6.4).
+GROUPS_PER_TASK = 2
+GROUP_REGISTERS = {16: 4, 8: 2}  # float32 lanes of the target's widest register -> registers of sums
 MR, NR = 4, 4  # Matmul register tile: tokens × output rows (× LANES partial sums: 16 registers)
 CHUNK = 16  # generic reduction rows per parallel task
 SPATIAL_CHUNK = 1024  # elementwise kernels: elements per parallel task
+
+
+def simd_lanes(target: Any) -> int:
+    """float32 lanes of the target CPU's widest vector register (16 with AVX-512, else 8)."""
+    from tvm.target import codegen
+
+    try:
+        return 16 if codegen.target_has_features("avx512f", target) else 8
+    except Exception:  # noqa: BLE001 - a target LLVM cannot query: AVX2's width, correct everywhere
+        return 8
 
 
 def _fused(sch: Any, loops: list[Any]) -> Any:
@@ -240,6 +259,74 @@ class GEMV(_MatmulRule):
         return sch
 
 
+class GroupedGEMV(ScheduleRule):
+    """The regrouped one-token matmul of :func:`neox_mlc.gpt_neox_model._grouped_nt_matmul`, ``[K, N]`` weights.
+
+    Its blocks, in order: ``NT_matmul_group`` (per group and output, ``Σ x·code`` over the group),
+    ``x_group_sum``, ``NT_matmul`` (``Σ_g scale · (group sum - max_int · x sum)``), then injective
+    epilogues. Split over K as :meth:`GEMV._split_k`: each parallel task owns ``GROUPS_PER_TASK``
+    groups (a few whole word rows, streamed) and sweeps them across N; a group's sums for ``SIMD``
+    outputs live in registers (``NT_matmul_group`` is computed at that loop), so each weight costs a
+    shift, a mask, a convert and one multiply-add, and each group one scale multiply-add per output.
+    A second pass adds the tasks' partial rows and runs the epilogues.
+    """
+
+    def apply(self, func: Any, target: Any, tunable: bool) -> Any:  # noqa: ARG002 - dlight's signature
+        if not isinstance(func, tirx.PrimFunc):
+            return None
+        sch = s_tir.Schedule(func)
+        try:
+            blocks = {name: sch.get_sblock(name) for name in ("NT_matmul_group", "x_group_sum", "NT_matmul")}
+        except Exception:  # noqa: BLE001 - not this kernel
+            return None
+        infos = normalize_prim_func(sch)
+        if not infos or len(infos) < 3 or not all(x.is_injective() for x in infos[3:]):
+            return None
+        try:
+            return self._schedule(sch, blocks, [x.block_rv for x in infos[3:]], simd_lanes(target))
+        except Exception:  # noqa: BLE001 - a primitive refused this loop nest: fall through to the next rule
+            return None
+
+    @staticmethod
+    def _schedule(sch: Any, blocks: dict[str, Any], epilogues: list[Any], lanes: int) -> Any:
+        part, final = blocks["NT_matmul_group"], blocks["NT_matmul"]
+        *spatial, rg = sch.get_loops(final)
+        n_loop = _fused(sch, spatial)
+        n, groups = _static(sch.get(n_loop).extent), _static(sch.get(rg).extent)
+        if n is None or groups is None:
+            return None
+        widest = GROUP_REGISTERS.get(lanes, 1) * lanes
+        vec = next(w for w in (widest, widest // 2, lanes, 4, 2, 1) if n % w == 0)  # any N: narrower, still correct
+        per_task = next(t for t in (GROUPS_PER_TASK, 1) if groups % t == 0)
+        gt, _ = sch.split(rg, factors=[None, per_task])
+        rf = sch.rfactor(gt, factor_axis=0)  # partials [groups / GROUPS_PER_TASK, ..., N]: contiguous in N
+        nn, gt, gi = sch.get_loops(rf)
+        width = n if n <= WHOLE_ROW_MAX else _outer_width(n) or vec
+        n0, n1 = sch.split(nn, factors=[None, width])
+        n10, n11 = sch.split(n1, factors=[None, vec])
+        sch.reorder(gt, n0, gi, n10, n11)
+        sch.parallel(gt)
+        sch.compute_at(part, n10, preserve_unit_loops=True)
+        *_, pj, pr = sch.get_loops(part)
+        sch.reorder(pr, pj)
+        sch.vectorize(pj)
+        sch.set_scope(part, 0, "local")
+        sch.decompose_reduction(part, pr)
+        sch.unroll(pr)
+        sch.vectorize(n11)
+        sch.decompose_reduction(rf, gi)
+        *out, r = sch.get_loops(final)
+        o0, o1 = sch.split(_fused(sch, out), factors=[None, _outer_width(n) or vec])
+        sch.reorder(o0, r, o1)
+        for epi in epilogues:
+            try:
+                sch.reverse_compute_at(epi, o0, preserve_unit_loops=True)
+            except Exception:  # noqa: BLE001 - an epilogue that cannot move stays a separate loop, correct
+                break
+        sch.parallel(o0)
+        return sch
+
+
 class Matmul(_MatmulRule):
     """Register-tiled ``tokens × rows`` matmul for several tokens; see the module docstring."""
 
@@ -334,4 +421,4 @@ class ParallelReductions(ScheduleRule):
 
 def host_rules() -> list[ScheduleRule]:
     """The rules in the order dlight tries them."""
-    return [GEMV(), Matmul(), ParallelSpatial(), ParallelReductions()]
+    return [GroupedGEMV(), GEMV(), Matmul(), ParallelSpatial(), ParallelReductions()]

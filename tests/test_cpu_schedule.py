@@ -113,3 +113,69 @@ def _vars(expr) -> set:
     out: set = set()
     tirx.stmt_functor.post_order_visit(expr, lambda e: out.add(e) if isinstance(e, tirx.Var) else None)
     return out
+
+
+def _grouped(quant, k: int, n: int, cpu: str):
+    """The regrouped one-token kernel (gpt_neox_model.grouped_nt_matmul_te) with a cast epilogue, scheduled and built."""
+    import tvm
+    from tvm import te
+    from tvm.s_tir import dlight as dl
+
+    from neox_mlc.compile import make_target
+    from neox_mlc.cpu_schedule import host_rules
+    from neox_mlc.gpt_neox_model import grouped_nt_matmul_te
+
+    qw = te.placeholder((k // quant.elems_per_word, n), "uint32", name="qw")
+    qs = te.placeholder((k // quant.group_size, n), "float16", name="qs")
+    x = te.placeholder((1, 1, k), "float16", name="x")
+    y = grouped_nt_matmul_te(x, qw, qs, quant, n, k, True)
+    out = te.compute((1, 1, n), lambda b, s, j: y[b, s, j].astype("float16"), name="cast")
+    target = make_target("llvm", cpu)
+    with target:
+        mod = dl.ApplyDefaultSchedule(*host_rules())(tvm.IRModule({"main": te.create_prim_func([x, qw, qs, out])}))
+    return mod, tvm.compile(mod, target=target)
+
+
+def _has_avx512() -> bool:
+    from pathlib import Path
+
+    try:
+        return "avx512f" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize(
+    "bits,group,k,n,cpu",
+    [
+        (4, 32, 256, 512, "x86-64-v3"),  # the top nibble reaches bit 31: read one bit lower
+        (4, 32, 96, 264, "x86-64-v3"),  # 3 groups (one per task), N not a multiple of 16
+        (3, 40, 160, 96, "x86-64-v3"),  # 10 codes in 30 bits: no top-bit element
+        pytest.param(4, 32, 256, 512, "x86-64-v4", marks=pytest.mark.skipif(not _has_avx512(), reason="no AVX-512 here")),
+    ],
+)
+def test_grouped_gemv_matches_numpy(bits, group, k, n, cpu):
+    """Regrouped ``Σ_g s_g (Σ x·c - max_int Σ x)`` equals ``x · ((c - max_int) · s)``, codes in every value (top ones included)."""
+    import tvm
+    from tvm import tirx
+
+    from neox_mlc.quantization import Quantization
+
+    quant = Quantization(f"q{bits}f16_0", "group-quant", "float16", bits=bits, group_size=group, transposed=True)
+    mod, lib = _grouped(quant, k, n, cpu)
+    kinds = []
+    tirx.stmt_functor.post_order_visit(mod["main"].body, lambda s: kinds.append(s.kind) if isinstance(s, tirx.For) else None)
+    assert tirx.ForKind.PARALLEL in kinds and tirx.ForKind.VECTORIZED in kinds, "GroupedGEMV did not schedule the kernel"
+    epw = quant.elems_per_word
+    rng = np.random.default_rng(1)
+    codes = rng.integers(0, 2 * quant.max_int + 1, size=(k // epw, epw, n), dtype=np.uint32)
+    codes[0, -1, :] = 2 * quant.max_int  # the word's top element at its largest code
+    qw = np.bitwise_or.reduce(codes << (np.arange(epw, dtype=np.uint32) * bits)[None, :, None], axis=1).astype(np.uint32)
+    qs = (rng.random((k // group, n)) * 0.01).astype("float16")
+    x = rng.standard_normal((1, 1, k)).astype("float16")
+    dev = tvm.cpu()
+    out = tvm.runtime.empty((1, 1, n), "float16", dev)
+    lib["main"](*(tvm.runtime.tensor(a, dev) for a in (x, qw, qs)), out)
+    w = (codes.reshape(k, n).astype(np.float32) - quant.max_int) * np.repeat(qs.astype(np.float32), group, axis=0)
+    ref = x.astype(np.float32).reshape(-1) @ w
+    assert np.abs(out.numpy().reshape(-1).astype(np.float32) - ref).max() <= 2e-3 * np.abs(ref).max()
