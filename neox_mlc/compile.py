@@ -284,7 +284,7 @@ def export_module(
     quant = get_quantization(cfg["quantization"])
     target = schedule_target(make_target(device, host_cpu, cuda), cuda)
     host = target.kind.name == "llvm"
-    model = GPTNeoXForCausalLM(NeoXConfig.from_chat_config(cfg, dequantize_rows=host), quant, target)
+    model = GPTNeoXForCausalLM(NeoXConfig.from_chat_config(cfg, dequantize_rows=host, polynomial_erf=host), quant, target)
     mod, params = model.export_tvm(spec=model.get_default_spec())
     mod = add_kv_cache_creation(mod, model)
     mod = _bound_dynamic_shapes(mod, cfg)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tvm import te, tirx
+from tvm import te, tirx, topi
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
@@ -243,14 +243,33 @@ class Attention(nn.Module):
         return self.dense(op.reshape(out, (b, s, heads * hd)))
 
 
+def _gelu(x: Tensor, polynomial_erf: bool) -> Tensor:
+    """Exact (erf) GELU; with ``polynomial_erf`` the erf is TVM's rational approximation (``topi.fast_erf``).
+
+    Why: on the host CPU ``erf`` is a scalar libm call per element (~30 ns): 1.1 ms of a 162.5 M decode
+    step, 145 ms of a 128-token prefill. The polynomial vectorises; its largest error against erf is
+    4.2e-7 (GELU 9.1e-7), measured over [-6, 6] in float32.
+    """
+    if not polynomial_erf:
+        return op.gelu(x)
+
+    def compute(t: te.Tensor) -> te.Tensor:
+        t32 = topi.cast(t, "float32") if t.dtype != "float32" else t
+        e = topi.fast_erf(topi.multiply(t32, tirx.const(0.7071067811865476, "float32")))
+        return te.compute(t.shape, lambda *i: (tirx.const(0.5, "float32") * t32(*i) * (tirx.const(1.0, "float32") + e(*i))).astype(t.dtype), name="gelu")
+
+    return op.tensor_expr_op(compute, "gelu", [x])
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: NeoXConfig, quant: Quantization) -> None:
         self.dtype = quant.model_dtype
+        self.polynomial_erf = cfg.polynomial_erf
         self.dense_h_to_4h = _linear(cfg, quant, cfg.hidden_size, cfg.intermediate_size, out_dtype=cfg.ffn_out_dtype)
         self.dense_4h_to_h = _linear(cfg, quant, cfg.intermediate_size, cfg.hidden_size, out_dtype=cfg.ffn_out_dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = op.gelu(self.dense_h_to_4h(x)).astype(self.dtype)
+        h = _gelu(self.dense_h_to_4h(x), self.polynomial_erf).astype(self.dtype)
         return self.dense_4h_to_h(h).astype(self.dtype)
 
 

@@ -40,16 +40,17 @@ class NeoXConfig:
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
     # How the host library is built, not a hyper-parameter: never written to the chat config.
     dequantize_rows: bool = field(default=False, metadata={"compile_only": True})
+    polynomial_erf: bool = field(default=False, metadata={"compile_only": True})
 
     def to_dict(self) -> dict[str, Any]:
         """The ``model_config`` object MLC writes (compile-only options left out)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.metadata.get("compile_only")}
 
     @classmethod
-    def from_chat_config(cls, cfg: dict[str, Any], dequantize_rows: bool = False) -> NeoXConfig:
+    def from_chat_config(cls, cfg: dict[str, Any], dequantize_rows: bool = False, polynomial_erf: bool = False) -> NeoXConfig:
         """The config a chat config was written with (older configs may lack the defaulted keys)."""
         known = {f.name for f in dataclasses.fields(cls) if not f.metadata.get("compile_only")}
-        return cls(**{k: v for k, v in cfg["model_config"].items() if k in known}, dequantize_rows=dequantize_rows)
+        return cls(**{k: v for k, v in cfg["model_config"].items() if k in known}, dequantize_rows=dequantize_rows, polynomial_erf=polynomial_erf)
 
 
 def check_context_window(n: int, max_position_embeddings: int) -> None:

@@ -179,3 +179,46 @@ def test_grouped_gemv_matches_numpy(bits, group, k, n, cpu):
     w = (codes.reshape(k, n).astype(np.float32) - quant.max_int) * np.repeat(qs.astype(np.float32), group, axis=0)
     ref = x.astype(np.float32).reshape(-1) @ w
     assert np.abs(out.numpy().reshape(-1).astype(np.float32) - ref).max() <= 2e-3 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("k,n,seq", [(256, 64, 5), (1536, 48, 3)])  # K ≤ K_BLOCK; K blocked (1536 = 2 blocks)
+def test_prefill_matmul_is_tiled_and_matches_numpy(k, n, seq):
+    """The Matmul rule (not a fallback) schedules a several-token matmul of any ``seq_len``, exactly."""
+    import tvm
+    from tvm import te, tirx
+    from tvm.s_tir import dlight as dl
+
+    from neox_mlc.compile import make_target
+    from neox_mlc.cpu_schedule import Matmul, host_rules
+
+    s = te.var("seq_len", "int64")
+    x = te.placeholder((1, s, k), "float16", name="x")
+    w = te.placeholder((n, k), "float32", name="w")
+    r = te.reduce_axis((0, k), name="k")
+    y = te.compute((1, s, n), lambda b, i, j: te.sum(x[b, i, r].astype("float32") * w[j, r], axis=r), name="NT_matmul")
+    # the epilogue chain of the model's MLP (bias, GELU as legalized: one block per op, one reading two), cast
+    biased = te.compute((1, s, n), lambda b, i, j: y[b, i, j] + 1.0, name="bias")
+    half = te.compute((1, s, n), lambda b, i, j: tvm.tirx.erf(biased[b, i, j] * 0.7071067811865476) * 0.5 + 0.5, name="erf")
+    act = te.compute((1, s, n), lambda b, i, j: biased[b, i, j] * half[b, i, j], name="gelu")
+    out = te.compute((1, s, n), lambda b, i, j: act[b, i, j].astype("float16"), name="cast")
+    target = make_target("llvm", "x86-64-v3")
+    assert Matmul().apply(te.create_prim_func([x, w, out]), target, False) is not None, "the Matmul rule refused the kernel"
+    with target:
+        mod = dl.ApplyDefaultSchedule(*host_rules())(tvm.IRModule({"main": te.create_prim_func([x, w, out])}))
+    scopes = []
+    tirx.stmt_functor.post_order_visit(
+        mod["main"].body, lambda st: scopes.extend(b.scope() for b in st.alloc_buffers) if isinstance(st, tirx.SBlock) else None
+    )
+    assert "local" in scopes, "the register-tiled Matmul schedule did not apply (a fallback scheduled the kernel)"
+    lib = tvm.compile(mod, target=target)
+    rng = np.random.default_rng(2)
+    xv = rng.standard_normal((1, seq, k)).astype("float16")
+    wv = (rng.standard_normal((n, k)) * 0.05).astype("float32")
+    dev = tvm.cpu()
+    res = tvm.runtime.empty((1, seq, n), "float16", dev)
+    lib["main"](tvm.runtime.tensor(xv, dev), tvm.runtime.tensor(wv, dev), res)
+    pre = xv.astype(np.float32) @ wv.T + 1.0
+    from math import erf
+
+    ref = pre * (np.vectorize(erf)(pre * 0.7071067811865476) * 0.5 + 0.5)
+    assert np.abs(res.numpy().astype(np.float32) - ref).max() <= 2e-3 * np.abs(ref).max()
