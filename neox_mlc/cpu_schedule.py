@@ -153,6 +153,16 @@ def _parallel_spatial_block(sch: Any, block: Any) -> bool:
     loops = sch.get_loops(block)
     if not loops:
         return False
+    inner = _static(sch.get(loops[-1]).extent)
+    if len(loops) > 1 and inner is not None and inner % SIMD == 0:
+        # rows in parallel, each row's inner loop SIMD-wide: a dequantize row reuses each loaded word
+        # (and its scale) for SIMD outputs instead of recomputing its address per element
+        rows = _fused(sch, loops[:-1])
+        outer, _ = sch.split(rows, factors=[None, max(1, SPATIAL_CHUNK // inner)])
+        _, lanes = sch.split(loops[-1], factors=[None, SIMD])
+        sch.vectorize(lanes)
+        sch.parallel(outer)
+        return True
     fused = _fused(sch, loops)
     outer, _ = sch.split(fused, factors=[None, SPATIAL_CHUNK])
     sch.parallel(outer)
