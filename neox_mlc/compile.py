@@ -287,6 +287,11 @@ def export_module(
     model = GPTNeoXForCausalLM(NeoXConfig.from_chat_config(cfg, dequantize_rows=host, polynomial_erf=host), quant, target)
     mod, params = model.export_tvm(spec=model.get_default_spec())
     mod = add_kv_cache_creation(mod, model)
+    if host:  # TVM's CPU attention kernels are scalar and single-threaded; same kernels, parallel and vectorised
+        from neox_mlc.cpu_attention import replace_cpu_attention
+
+        heads = model.cfg.num_attention_heads  # as add_kv_cache_creation made the cache: no GQA, no RoPE scaling
+        mod = replace_cpu_attention(mod, heads, heads, model.cfg.head_dim, model.dtype, rope_scaling={})
     mod = _bound_dynamic_shapes(mod, cfg)
     if device in HOSTS:
         mod = mod.with_attr("system_lib_prefix", system_lib_prefix or "")
