@@ -323,3 +323,13 @@ def test_second_prefill_against_the_cache_equals_one_prefill(fixtures_dir, conve
     rt.reset()
     whole = rt.prefill(ids)
     assert np.abs(turned - whole).max() < 1e-3  # observed 2.3e-4; an lse off by 3 (log2) in the paged kernel: 2.5e-2
+
+
+def test_kernel_benchmark_times_both_implementations():
+    """neox_mlc.bench_attention (docs/benchmarks/attention-kernels.json) on a toy shape."""
+    from neox_mlc.bench_attention import decode_case, prefill_case
+
+    decode = decode_case(heads=2, dim=16, context=20, reps=2, flush=np.zeros(1 << 16, np.uint8))
+    assert set(decode) == {"tvm_warm_us", "tvm_cold_us", "ours_warm_us", "ours_cold_us"} and min(decode.values()) > 0
+    prefill = prefill_case(heads=2, dim=16, tokens=8, reps=2)
+    assert set(prefill) == {"tvm_ms", "ours_ms"} and min(prefill.values()) > 0
