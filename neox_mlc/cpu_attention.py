@@ -3,7 +3,8 @@
 Why: TVM 0.26's ``TIRPagedKVCache`` gives an llvm target scalar, single-threaded kernels
 (``_attention_decode_cpu`` and the two prefill ones): one head after another on one core, and an
 online softmax that rescales the whole output row after every KV row (two ``exp2`` per row). On a
-decode step of the 162.5 M GPT-NeoX that was 2.0 of 15.8 CPU ms, with the second core idle.
+decode step of the 162.5 M GPT-NeoX that was 2.0 of 15.8 CPU ms, with the second core idle, and
+28 % of a 128-token prefill.
 
 The kernels here have the same global symbols, signatures, buffer shapes and dtypes (the runtime
 calls them by position) and compute the same attention; they differ in how the work is laid out:
@@ -18,8 +19,9 @@ calls them by position) and compute the same attention; they differ in how the w
   the caches since it was last read; that, not arithmetic, is most of what is left (kernel alone, one
   thread: 22 µs with the KV in cache, 55 µs without; prefetching took 15 % off the latter).
 
-Decode-step profile of the 162.5 M q4f16_0 model, one thread (docs/benchmarks/runtime-decode-profile-attention.json):
-the attention builtin (RoPE, KV append, this kernel) 2.09 → 1.04 CPU ms per step of 12 layers.
+162.5 M q4f16_0, one thread, CPU ms (docs/benchmarks/runtime-profile-attention.json): decode step
+11.4 → 10.5 (the attention builtin — RoPE, KV append, this kernel — 1.81 → 0.76 over 12 layers);
+128-token prefill 485 → 377 (its attention 134 → 20).
 
 Conventions kept from TVM: the softmax runs in the log2 domain (scores times ``sm_scale * log2(e)``),
 starts from ``m = -5e4, d = 1`` and writes ``lse = m + log2(d)`` (so an empty KV gives O = 0,
