@@ -370,7 +370,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--device", required=True, help=f"one of {', '.join(TARGETS)}")
     ap.add_argument("-o", "--output", required=True, help="library file to write")
     ap.add_argument("--system-lib-prefix", help="symbol prefix for static (iphone/metal) libraries")
-    ap.add_argument("--host-cpu", help="LLVM mcpu for the host library (default: x86-64-v3 where available)")
+    ap.add_argument("--host-cpu", default="auto", help="LLVM CPU of the host (llvm/cpu) library, e.g. x86-64-v3; auto: this machine's x86-64 level")
     ap.add_argument("--cuda-arch", help=f"cuda: SASS archs for the kernels' fatbin, comma-separated (default: {','.join(DEFAULT_ARCHS)})")
     ap.add_argument("--iphone-proxy", action="store_true", help="cuda: schedule every kernel exactly as for the iphone target (its dlight rules and GPU limits)")
     ap.add_argument("--backend", choices=["native", "mlc_llm"], default="native")
@@ -386,16 +386,28 @@ def cuda_options(device: str, cuda_arch: str | None, iphone_proxy: bool) -> Cuda
     return CudaOptions(cuda_arch or DEFAULT_ARCHS, iphone_proxy)
 
 
+def host_cpu_option(host_cpu: str) -> str | None:
+    """``--host-cpu``: None for ``auto`` (:func:`default_host_cpu`), else a CPU name LLVM knows, checked before any work."""
+    if host_cpu == "auto":
+        return None
+    from tvm.target import codegen
+
+    if not codegen.llvm_is_valid_cpu(host_cpu, "x86_64-unknown-linux-gnu") and not codegen.llvm_is_valid_cpu(host_cpu, "aarch64-unknown-linux-gnu"):
+        raise WorkflowError(f"host_cpu {host_cpu!r} is not a CPU LLVM knows; allowed: auto or an LLVM -mcpu name such as x86-64-v3, x86-64-v4, znver4")
+    return host_cpu
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     a = parse_args(argv)
     check_output(a.output, None, [a.model])
+    host_cpu = host_cpu_option(a.host_cpu)
     cuda = cuda_options(a.device, a.cuda_arch, a.iphone_proxy)
     if a.backend == "mlc_llm":
         if a.iphone_proxy:
             raise WorkflowError("--iphone-proxy is this project's build; backend mlc_llm has no such option")
         run_mlc_llm(mlc_llm_argv(a.model, a.device, a.output, a.system_lib_prefix))
         return 0
-    build(a.model, a.device, a.output, a.system_lib_prefix, a.host_cpu, cuda)
+    build(a.model, a.device, a.output, a.system_lib_prefix, host_cpu, cuda)
     return 0
 
 

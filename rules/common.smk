@@ -28,6 +28,7 @@ CORPORA = config.get("corpora", {})
 GENERATED_MODELS = [m for m, spec in MODELS.items() if "generate" in spec]
 TRAINED_MODELS = [m for m, spec in MODELS.items() if "train" in spec]
 BACKEND = config.get("backend", "native")
+HOST_CPU = config.get("host_cpu", "auto")
 
 
 def code(entry):

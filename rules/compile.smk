@@ -21,6 +21,9 @@ rule compile:
     params:
         prefix=lambda w: layout.system_lib_prefix(w.model, w.quant),
         backend=BACKEND,
+        # only the host library depends on it: changing it reruns the llvm builds alone
+        host_cpu=lambda w: HOST_CPU if w.target in ("llvm", "cpu") else "auto",
     shell:
         "python scripts/compile.py {input.chat_config} --device {wildcards.target}"
-        " --system-lib-prefix {params.prefix} --backend {params.backend} -o {output.lib} > {log} 2>&1"
+        " --system-lib-prefix {params.prefix} --backend {params.backend} --host-cpu {params.host_cpu}"
+        " -o {output.lib} > {log} 2>&1"

@@ -125,6 +125,28 @@ def test_max_seq_len_change_reruns_config_compile_and_package_only(tiny_build):
     assert planned_jobs(out) == {"gen_config": 2, "compile": 4, "app_config": 2, "package": 2, "app": 1, "all": 1}
 
 
+def test_host_cpu_change_rebuilds_only_the_host_libraries(tiny_build):
+    out = run_snakemake(tiny_build, "-n", "--configfile", "config/tiny.yaml", "--config", "host_cpu=x86-64-v3").stdout
+    # the iphone libraries (and the app configs read from them) do not depend on the host CPU
+    assert planned_jobs(out) == {"compile": 2, "package": 2, "app": 1, "all": 1}
+    assert "-llvm.so" in out and "-iphone.tar" not in out.split("rule package")[0]
+
+
+def test_unknown_host_cpu_is_one_line_before_any_work(tiny_build, tmp_path):
+    import subprocess
+    import sys
+
+    chat = tiny_build / "build" / TINY / "q4f16_0" / "mlc-chat-config.json"
+    proc = subprocess.run(
+        [sys.executable, "scripts/compile.py", str(chat), "--device", "llvm", "--host-cpu", "pentium-9000", "-o", str(tmp_path / "x.so")],
+        cwd=tiny_build, capture_output=True, text=True, check=False,
+    )
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: host_cpu 'pentium-9000' is not a CPU LLVM knows; allowed: auto or an LLVM -mcpu name such as x86-64-v3, x86-64-v4, znver4"
+    ]
+    assert not (tmp_path / "x.so").exists()
+
+
 def test_new_quantization_reuses_fetch_and_tokenizer(tiny_build):
     out = run_snakemake(tiny_build, "-n", "--configfile", "config/tiny.yaml", "--config", "quantizations=[q0f16,q4f16_0,q4f16_1]").stdout
     assert planned_jobs(out) == {
