@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from neox_mlc.common import WorkflowError, read_json, run_cli, write_json
+from neox_mlc.llamacpp import FTYPES as LLAMA_CPP_TYPES
 from neox_mlc.quantization import GGUF_PEER_TYPES
 from neox_mlc.spm_tokenizer import piece_id
 
@@ -348,13 +349,17 @@ def gguf_dequantized_state(model_dir: Path, gtype: str) -> tuple[dict[str, np.nd
     return state, nbytes, nbytes * 8 / numel
 
 
-def side_by_side(tok: Any, template: dict[str, Any], prompts: Sequence[str], test: Any, reference: Any) -> list[dict[str, str]]:
-    """Greedy answers of the quantized model (``bundle``) and the reference to the same template prompts."""
+def prompt_ids(tok: Any, template: dict[str, Any], prompts: Sequence[str]) -> list[list[int]]:
+    """Each prompt in the conversation template, as token ids (what every engine is asked)."""
     from neox_mlc.chat import format_prompt
 
+    return [tok.encode(format_prompt(template, [], p), add_special_tokens=False).ids for p in prompts]
+
+
+def side_by_side(tok: Any, template: dict[str, Any], prompts: Sequence[str], test: Any, reference: Any) -> list[dict[str, str]]:
+    """Greedy answers of the quantized model (``bundle``) and the reference to the same template prompts."""
     answers = []
-    for p in prompts:
-        ids = tok.encode(format_prompt(template, [], p), add_special_tokens=False).ids
+    for p, ids in zip(prompts, prompt_ids(tok, template, prompts), strict=True):
         answers.append({"prompt": p, "bundle": tok.decode(test(ids)), "reference": tok.decode(reference(ids))})
     return answers
 
@@ -396,14 +401,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--chat-config")
     ap.add_argument("--gguf-type", choices=GGUF_PEER_TYPES, help="evaluate a gguf peer instead of a bundle")
     # llama.cpp's own inference as a peer row (#15; neox_mlc/llamacpp.py, needs the optional llama-cpp-python)
-    ap.add_argument("--llama-cpp-type", choices=["F16", "Q8_0", "Q4_0"], help="evaluate llama.cpp itself on its GGUF of this type")
+    ap.add_argument("--llama-cpp-type", choices=list(LLAMA_CPP_TYPES), help="evaluate llama.cpp itself on its GGUF of this type")
     ap.add_argument("--window", type=int, default=256, help="evaluation window for gguf peers (bundles use their context window)")
     ap.add_argument("--text")
     ap.add_argument("--hf-dataset")
     ap.add_argument("--split")
     ap.add_argument("--max-tokens", type=int, default=4096)
     ap.add_argument("--prompt", action="append", default=[])
-    ap.add_argument("--conv-template-json", help="the conversation template (gguf peers: for the greedy answers)")
+    ap.add_argument("--conv-template-json", help="the conversation template (gguf and llama.cpp peers: for the greedy answers)")
     ap.add_argument("--unigram-train", help="write the unigram baseline from this training text instead of evaluating a model")
     ap.add_argument("-o", "--output", required=True)
     a = ap.parse_args(argv)
@@ -418,7 +423,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif a.llama_cpp_type:
         from neox_mlc.llamacpp import evaluate_llama_cpp
 
-        result = evaluate_llama_cpp(model_dir, Path(a.tokenizer), a.llama_cpp_type, text, a.window, a.max_tokens)
+        template = json.loads(a.conv_template_json) if a.conv_template_json else None
+        result = evaluate_llama_cpp(model_dir, Path(a.tokenizer), a.llama_cpp_type, text, a.window, a.max_tokens, template, prompts)
     elif a.gguf_type:
         template = json.loads(a.conv_template_json) if a.conv_template_json else None
         result = evaluate_gguf(model_dir, Path(a.tokenizer), a.gguf_type, text, a.window, a.max_tokens, template, prompts)

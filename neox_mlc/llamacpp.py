@@ -19,7 +19,6 @@ nothing but the standard library, numpy and ``llama_cpp``.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import sys
@@ -77,8 +76,10 @@ def write_gguf(model_dir: str | Path, out: str | Path) -> Path:
     arch, _ = load_arch(model_dir)
     index = TensorIndex(model_dir)
     names = _gguf_names(arch.num_hidden_layers)
-    if "embed_out.weight" not in index:  # tied head: the embedding is the output head too
-        names.pop("embed_out.weight")
+    # llama.cpp's GPT-NeoX graph requires output.weight (0.3.36: "tensor 'output.weight' not found"):
+    # a tied checkpoint's head is its embedding, written twice, as llama.cpp's own files carry it
+    head = "embed_out.weight" if "embed_out.weight" in index else "gpt_neox.embed_in.weight"
+    names.pop("embed_out.weight")
     with atomic_path(out) as tmp:
         w = gguf.GGUFWriter(str(tmp), "gptneox")
         w.add_context_length(arch.max_position_embeddings)
@@ -93,7 +94,7 @@ def write_gguf(model_dir: str | Path, out: str | Path) -> Path:
         w.add_file_type(FTYPES["F16"])
         w.add_tokenizer_model("none")
         w.add_vocab_size(arch.vocab_size)
-        for hf, gg in names.items():
+        for hf, gg in [*names.items(), (head, "output.weight")]:
             t = index.read(hf)
             if "attention.query_key_value" in hf:
                 t = _regroup_qkv(t, arch.num_attention_heads)
@@ -135,6 +136,17 @@ def _load(path: str, threads: int, n_ctx: int, all_logits: bool):  # returns lla
                            logits_all=all_logits, verbose=False, seed=0)
 
 
+def _last_logits(llm: Any) -> np.ndarray:
+    """The logits of the last evaluated token, straight from llama.cpp.
+
+    Why not ``llm.scores``: llama-cpp-python 0.3.36 fills it only when every position's logits are
+    kept (``logits_all``); otherwise it holds zeros, and a "greedy" step would always pick token 0.
+    """
+    llama_cpp = _llama_cpp()
+    ptr = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+    return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),)).copy()
+
+
 def speed(path: str, prompt: int, decode: int, threads: int) -> dict[str, float]:
     """Prefill and greedy decode tokens/s, the same prompt ids as neox_mlc.evaluate.speed."""
     llm = _load(path, threads, prompt + decode + 8, False)
@@ -145,7 +157,7 @@ def speed(path: str, prompt: int, decode: int, threads: int) -> dict[str, float]
     llm.eval(ids)
     t1 = time.perf_counter()
     for _ in range(decode):
-        llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+        llm.eval([int(np.argmax(_last_logits(llm)))])
     t2 = time.perf_counter()
     return {"prompt_tokens": prompt, "decode_tokens": decode, "prefill_tok_s": prompt / (t1 - t0), "decode_tok_s": decode / (t2 - t1)}
 
@@ -157,57 +169,127 @@ def logits(path: str, windows: Sequence[Sequence[int]], out: str, threads: int) 
     for w in windows:
         llm.reset()
         llm.eval(list(w))
-        parts.append(np.asarray(llm.scores[: len(w)], dtype=np.float32))
+        # a copy: ``scores`` is llama-cpp-python's one buffer, overwritten by the next window
+        parts.append(np.array(llm.scores[: len(w)], dtype=np.float32, copy=True))
     np.save(out, np.concatenate(parts))
 
 
-def evaluate_llama_cpp(model_dir: str | Path, tokenizer: str | Path, gtype: str, text: str, window: int, max_tokens: int) -> dict[str, Any]:
+def greedy(path: str, prompts: Sequence[Sequence[int]], n: int, stop: Sequence[int], n_ctx: int, threads: int) -> list[list[int]]:
+    """Greedy continuations (at most ``n`` tokens, ending before a stop token or the context's end)."""
+    llm = _load(path, threads, n_ctx, False)
+    outs = []
+    for ids in prompts:
+        llm.reset()
+        llm.eval(list(ids))
+        out: list[int] = []
+        while len(out) < n:
+            t = int(np.argmax(_last_logits(llm)))
+            if t in stop or llm.n_tokens >= n_ctx:
+                break
+            out.append(t)
+            llm.eval([t])
+        outs.append(out)
+    return outs
+
+
+# ---- the parent: runs in the workflow's interpreter ----
+
+
+def _child(python: str, *args: str) -> str:
+    """One llama.cpp child process; its stderr (llama.cpp's own messages) becomes the error on failure."""
+    import subprocess
+
+    from neox_mlc.common import WorkflowError
+
+    proc = subprocess.run([python, "-m", "neox_mlc.llamacpp", *args], cwd=_REPO, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise WorkflowError(f"llama.cpp child {args[0]} failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
+    return proc.stdout
+
+
+def gguf_summary(path: str | Path, model_dir: str | Path) -> dict[str, Any]:
+    """Bits per parameter of a GGUF (its tensor bytes over the checkpoint's parameters) and its tensor types.
+
+    Why tensor bytes and the checkpoint's count: the same measure as the other rows (metadata and
+    padding excluded; a tied head that llama.cpp stores twice is counted in the bytes, once in the
+    parameters — what a llama.cpp user pays for).
+    """
+    import gguf
+
+    from neox_mlc.hf_checkpoint import TensorIndex, is_buffer
+
+    reader = gguf.GGUFReader(str(path))
+    nbytes = sum(int(t.n_bytes) for t in reader.tensors)
+    types: dict[str, int] = {}
+    for t in reader.tensors:
+        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+    numel = sum(int(np.prod(i.shape)) for n, i in TensorIndex(model_dir).tensors.items() if not is_buffer(n))
+    return {"bits_per_param": nbytes * 8 / numel, "tensor_bytes": nbytes, "tensor_types": types}
+
+
+def evaluate_llama_cpp(
+    model_dir: str | Path, tokenizer: str | Path, gtype: str, text: str, window: int, max_tokens: int,
+    template: dict[str, Any] | None = None, prompts: Sequence[str] = (), answer_tokens: int = 24,
+) -> dict[str, Any]:  # fmt: skip
     """A quality-report row from llama.cpp's own inference of its ``gtype`` GGUF (same windows, same reference).
 
     Why beside the numpy-quantizer rows: those pass weights through gguf's quantizer into
-    transformers; these run llama.cpp's kernels (its Q4_0 file keeps the head in Q6_K, and its
-    matmuls quantize activations to 8 bits), which is what a llama.cpp user gets.
+    transformers; these run llama.cpp's kernels (its quantizer keeps the output head at higher
+    precision, and its matmuls quantize activations to 8 bits), which is what a llama.cpp user gets.
+    The windows are ``neox_mlc.evaluate``'s, so the chunks match the other rows' (pairwise verdicts).
     """
-    import subprocess
     import tempfile
 
     from tokenizers import Tokenizer
 
     from neox_mlc.common import WorkflowError
-    from neox_mlc.evaluate import chunk_sizes, compare, eval_windows, stack_windows, text_ids
+    from neox_mlc.evaluate import compare_windows, eval_windows, greedy_hf, prompt_ids, side_by_side, text_ids
     from neox_mlc.reference import hf_logits, load_hf_model
+    from neox_mlc.spm_tokenizer import piece_id
 
-    python = llama_python()
-    if python is None:
-        raise WorkflowError(f"llama.cpp rows need llama-cpp-python in {os.environ.get('LLAMA_PYTHON', DEFAULT_PYTHON)} (LLAMA_PYTHON)")
     if gtype not in FTYPES:
         raise WorkflowError(f"llama.cpp type {gtype!r} is not one of {', '.join(FTYPES)}")
+    python = llama_python()
+    if python is None:
+        raise WorkflowError(f"llama.cpp rows need llama-cpp-python in {os.environ.get('LLAMA_PYTHON', DEFAULT_PYTHON)} (set LLAMA_PYTHON)")
     tok = Tokenizer.from_file(str(tokenizer))
     windows = eval_windows(text_ids(tok, text), window, max_tokens)
     ref = load_hf_model(Path(model_dir))
-    ref_logits, targets = stack_windows(lambda w: hf_logits(ref, w), windows)
     with tempfile.TemporaryDirectory() as tmp:
-        f16 = write_gguf(model_dir, Path(tmp) / "F16.gguf")
-        model = f16
+        model = write_gguf(model_dir, Path(tmp) / "F16.gguf")
         if gtype != "F16":
             model = Path(tmp) / f"{gtype}.gguf"
-            subprocess.run([python, "-m", "neox_mlc.llamacpp", "quantize", str(f16), str(model), gtype], check=True, cwd=_REPO, capture_output=True)
+            _child(python, "quantize", str(Path(tmp) / "F16.gguf"), str(model), gtype)
         (Path(tmp) / "ids.json").write_text(json.dumps(windows))
-        subprocess.run([python, "-m", "neox_mlc.llamacpp", "logits", str(model), str(Path(tmp) / "ids.json"), str(Path(tmp) / "out.npy")],
-                       check=True, cwd=_REPO, capture_output=True)
-        flat = np.load(Path(tmp) / "out.npy")
-        nbytes = model.stat().st_size
-    starts = np.cumsum([0] + [len(w) for w in windows])
-    test_logits = np.concatenate([flat[a : b - 1] for a, b in itertools.pairwise(starts)])
-    numel = sum(int(np.prod(i.shape)) for i in _tensor_shapes(model_dir))
-    return {"method": f"llama.cpp {gtype}", "quantization": gtype, "bits_per_param": nbytes * 8 / numel, "params_bytes_on_disk": nbytes,
-            **compare(ref_logits, test_logits, targets, chunk_sizes(windows))}
+        _child(python, "logits", str(model), str(Path(tmp) / "ids.json"), str(Path(tmp) / "out.npy"))
+        flat = np.load(Path(tmp) / "out.npy", mmap_mode="r")
+        starts = np.cumsum([0] + [len(w) for w in windows])
+        if flat.shape[0] != starts[-1]:
+            raise WorkflowError(f"llama.cpp returned {flat.shape[0]} rows of logits for {starts[-1]} positions")
 
+        def llama_fn(w: list[int]) -> np.ndarray:  # windows may repeat: the same ids give the same logits
+            i = windows.index(w)
+            return np.asarray(flat[starts[i] : starts[i + 1]], dtype=np.float32)
 
-def _tensor_shapes(model_dir: str | Path) -> list[Any]:
-    from neox_mlc.hf_checkpoint import TensorIndex
+        result = {
+            "method": f"llama.cpp {gtype}", "quantization": gtype, **gguf_summary(model, model_dir),
+            "params_bytes_on_disk": model.stat().st_size, "engine": f"llama-cpp-python {_child(python, 'version').strip()}",
+            **compare_windows(lambda w: hf_logits(ref, w), llama_fn, windows),
+        }  # fmt: skip
+        if template is not None:
+            from neox_mlc.gen_config import conv_template
 
-    return list(TensorIndex(model_dir).tensors.values())
+            template = conv_template("evaluation", template, int(ref.config.bos_token_id or 0))
+            stop = sorted(set(template["stop_token_ids"]) | {piece_id(tok, "</s>")})
+            asked = prompt_ids(tok, template, prompts)
+            n_ctx = max(len(ids) for ids in asked) + answer_tokens + 8
+            (Path(tmp) / "prompts.json").write_text(json.dumps(asked))
+            got = json.loads(_child(python, "greedy", str(model), str(Path(tmp) / "prompts.json"), str(answer_tokens),
+                                    json.dumps(stop), str(n_ctx)))  # fmt: skip
+            by_prompt = {tuple(a): g for a, g in zip(asked, got, strict=True)}
+            result["answers"] = side_by_side(tok, template, prompts, lambda ids: by_prompt[tuple(ids)],
+                                             lambda ids: greedy_hf(ref, ids, answer_tokens, set(stop)))  # fmt: skip
+    return result
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -227,11 +309,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     lg.add_argument("ids", help="JSON file with a list of windows (lists of token ids)")
     lg.add_argument("out")
     lg.add_argument("--threads", type=int, default=2)
+    g = sub.add_parser("greedy")
+    g.add_argument("gguf")
+    g.add_argument("prompts", help="JSON file with a list of prompts (lists of token ids)")
+    g.add_argument("n", type=int)
+    g.add_argument("stop", help="JSON list of stop token ids")
+    g.add_argument("n_ctx", type=int)
+    g.add_argument("--threads", type=int, default=2)
+    sub.add_parser("version")
     a = ap.parse_args(argv)
     if a.verb == "quantize":
         quantize(a.src, a.dst, a.ftype)
     elif a.verb == "speed":
         print(json.dumps(speed(a.gguf, a.prompt, a.decode, a.threads)))
+    elif a.verb == "greedy":
+        print(json.dumps(greedy(a.gguf, json.loads(Path(a.prompts).read_text()), a.n, json.loads(a.stop), a.n_ctx, a.threads)))
+    elif a.verb == "version":
+        print(_llama_cpp().__version__)
     else:
         logits(a.gguf, json.loads(Path(a.ids).read_text()), a.out, a.threads)
     return 0

@@ -90,7 +90,7 @@ def _signed(x: float) -> str:
 
 
 def verdict(row: dict[str, Any], peers: list[dict[str, Any]]) -> str:
-    """One sentence from the numbers: drift, top-1 changes, ΔPPL with its interval, and the nearest peer."""
+    """One sentence from the numbers: drift, top-1 changes, ΔPPL with its interval, and the nearest peer of each other family."""
     lo, hi = float(row["delta_ppl_ci_low"]), float(row["delta_ppl_ci_high"])
     if lo <= 0 <= hi:
         noise = "within noise of float32"
@@ -102,9 +102,13 @@ def verdict(row: dict[str, Any], peers: list[dict[str, Any]]) -> str:
         f" changes the top token at {100 - float(row['top1_agreement_pct']):.1f} % of positions and moves perplexity by"
         f" {_signed(float(row['delta_ppl']))} [{_signed(lo)}, {_signed(hi)}] ({_signed(pct)} %): {noise}"
     )
-    others = [p for p in peers if p["family"] != row["family"]]
-    if row["family"] == "mlc" and others:
-        peer = min(others, key=lambda p: abs(float(p["bits_per_param"]) - float(row["bits_per_param"])))
+    if row["family"] != "mlc":
+        return text + "."
+    # the nearest in size of each other family: the numpy quantizers, and llama.cpp itself where measured
+    families = sorted({p["family"] for p in peers} - {row["family"]}, key=list(FAMILIES).index)
+    for fam in families:
+        same = [p for p in peers if p["family"] == fam]
+        peer = min(same, key=lambda p: abs(float(p["bits_per_param"]) - float(row["bits_per_param"])))
         diff = paired_ppl_difference(row, peer)
         if diff is not None:
             d, dlo, dhi = diff

@@ -17,6 +17,7 @@ from typing import Any
 from neox_mlc.common import WorkflowError
 from neox_mlc.hf_checkpoint import load_arch
 from neox_mlc.layout import TARGETS, UNBUILDABLE, bundle_id, model_config, model_lib, snapshot_dir
+from neox_mlc.llamacpp import FTYPES as LLAMA_CPP_TYPES
 from neox_mlc.neox_config import MAX_PREFILL_CHUNK, check_context_window
 from neox_mlc.package_config import match_package_config, read_package_config
 from neox_mlc.quantization import QUANTIZATIONS
@@ -58,6 +59,9 @@ def check_config(config: dict[str, Any], root: Path) -> None:
     for q in config["quantizations"]:
         if q not in QUANTIZATIONS:
             raise WorkflowError(f"unknown quantization {q!r} in config; allowed: {', '.join(QUANTIZATIONS)}")
+    for t in config.get("llama_cpp_types", []):
+        if t not in LLAMA_CPP_TYPES:
+            raise WorkflowError(f"unknown llama_cpp_types entry {t!r} in config; allowed: {', '.join(LLAMA_CPP_TYPES)}")
     for t in [config["target"], *config.get("extra_targets", [])]:
         if t not in TARGETS:
             raise WorkflowError(f"unknown target {t!r} in config; allowed: {', '.join(TARGETS)}")
@@ -124,6 +128,22 @@ def plan_app(config: dict[str, Any]) -> list[tuple[str, str]]:
     compiled = {"context_window_size": n, "prefill_chunk_size": min(n, MAX_PREFILL_CHUNK)}
     entries = read_package_config(Path(config["package_config"]))
     return match_package_config(entries, bundles, {k: model_lib(*v) for k, v in bundles.items()}, compiled)
+
+
+def llama_cpp_rows(config: dict[str, Any]) -> list[str]:
+    """The configured ``llama_cpp_types`` when llama-cpp-python is installed, else none (with a warning).
+
+    Why not an error: llama-cpp-python is an optional extra (it compiles llama.cpp for 10-40 min);
+    a report made without it keeps every other row, and gains llama.cpp's rows once it is installed.
+    """
+    from neox_mlc.llamacpp import DEFAULT_PYTHON, llama_python
+
+    types = list(config.get("llama_cpp_types", []))
+    if types and llama_python() is None:
+        where = os.environ.get("LLAMA_PYTHON", DEFAULT_PYTHON)
+        print(f"warning: no llama-cpp-python in {where} (LLAMA_PYTHON): the reports leave out llama.cpp {', '.join(types)}", file=sys.stderr)
+        return []
+    return types
 
 
 def put_interpreter_first_on_path() -> None:

@@ -9,12 +9,14 @@ import os
 
 from neox_mlc import layout
 from neox_mlc.codedeps import code_inputs
+from neox_mlc.llamacpp import FTYPES as LLAMA_CPP_TYPES
 from neox_mlc.quantization import GGUF_PEER_TYPES, QUANTIZATIONS
 from neox_mlc.workflow_config import (
     check_config,
     download_url,
     plan_app,
     check_fetched_context_window,
+    llama_cpp_rows,
     put_interpreter_first_on_path,
     stop_on_bad_config,
 )
@@ -29,6 +31,7 @@ GENERATED_MODELS = [m for m, spec in MODELS.items() if "generate" in spec]
 TRAINED_MODELS = [m for m, spec in MODELS.items() if "train" in spec]
 BACKEND = config.get("backend", "native")
 HOST_CPU = config.get("host_cpu", "auto")
+LLAMA_CPP_ROWS = llama_cpp_rows(config)
 
 
 def code(entry):
@@ -53,6 +56,7 @@ wildcard_constraints:
     target=_alternation(layout.TARGETS),
     shard=r"\d+",
     gtype="|".join(GGUF_PEER_TYPES),
+    ltype=_alternation(LLAMA_CPP_TYPES),
     corpus=_alternation(CORPORA) if CORPORA else "(?!x)x",
 
 
@@ -274,7 +278,14 @@ def eval_mem_mb(wildcards):
 
 
 def quality_reports(wildcards):
+    """Every row of a model's report: its bundles, the gguf peers, and llama.cpp itself if configured.
+
+    Why llama.cpp is opt-in (``llama_cpp_types``, and only where llama-cpp-python is installed): that
+    optional extra compiles llama.cpp for 10-40 min, so CI and the default configs leave it out.
+    """
     m = wildcards.model
-    return [f"reports/{m}/{q}/quality.json" for q in config["quantizations"]] + [
-        f"reports/{m}/gguf-{g}/quality.json" for g in GGUF_PEER_TYPES
-    ]
+    return (
+        [f"reports/{m}/{q}/quality.json" for q in config["quantizations"]]
+        + [f"reports/{m}/gguf-{g}/quality.json" for g in GGUF_PEER_TYPES]
+        + [f"reports/{m}/llama.cpp-{t}/quality.json" for t in LLAMA_CPP_ROWS]
+    )

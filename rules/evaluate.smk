@@ -1,4 +1,5 @@
-# Quality and speed reports: every bundle and the gguf peers against the float32 reference.
+# Quality and speed reports: every bundle and the gguf peers against the float32 reference, and
+# llama.cpp's own inference of its GGUFs where the config asks for it (llama_cpp_types; optional).
 
 
 rule evaluate:
@@ -58,6 +59,35 @@ rule evaluate_gguf:
     shell:
         "python scripts/evaluate.py {params.model_dir} --tokenizer {input.tokenizer}"
         " --gguf-type {wildcards.gtype} --conv-template-json {params.template_json:q}"
+        " --window {params.window} {params.source} -o {output.quality} > {log} 2>&1"
+
+
+rule evaluate_llama_cpp:
+    input:
+        code=code("evaluate"),
+        snapshot="resources/models/{model}/snapshot.json",
+        tokenizer="build/{model}/tokenizer/tokenizer.json",
+        text=eval_text_input,
+    output:
+        quality="reports/{model}/llama.cpp-{ltype}/quality.json",
+    log:
+        "logs/{model}/llama.cpp-{ltype}/evaluate.log",
+    benchmark:
+        "benchmarks/{model}/llama.cpp-{ltype}/evaluate.tsv"
+    conda:
+        "../envs/report.yaml"
+    threads: 2
+    resources:
+        mem_mb=per_attempt(eval_mem_mb),
+        runtime=per_attempt(120),
+    params:
+        model_dir=lambda w: layout.snapshot_dir(w.model),
+        source=eval_source_args,
+        window=config["max_seq_len"],
+        template_json=template_json,
+    shell:
+        "python scripts/evaluate.py {params.model_dir} --tokenizer {input.tokenizer}"
+        " --llama-cpp-type {wildcards.ltype} --conv-template-json {params.template_json:q}"
         " --window {params.window} {params.source} -o {output.quality} > {log} 2>&1"
 
 

@@ -17,6 +17,7 @@ import pytest
 from neox_mlc.common import WorkflowError
 from neox_mlc.corpus import deb_members, is_heldout, prepare, roff_to_text
 from neox_mlc.evaluate import aggregate, bootstrap_ci, compare, position_metrics, text_ids, unigram_baseline
+from neox_mlc.llamacpp import llama_python
 
 from conftest import REPO
 
@@ -351,3 +352,30 @@ def test_gguf_peer_answers_the_template_prompts(trained, tmp_path):
     q = evaluate_gguf(trained / "a", tmp_path / "tok" / "tokenizer.json", "Q8_0", text, 32, 256, template, ["表示します"], answer_tokens=4)
     assert [a["prompt"] for a in q["answers"]] == ["表示します"] and all(isinstance(a["bundle"], str) for a in q["answers"])
     assert q["scored_tokens"] == sum(q["chunks"]["tokens"]) and q["delta_ppl_ci95"][0] <= q["delta_ppl"] <= q["delta_ppl_ci95"][1]
+
+
+@pytest.mark.skipif(llama_python() is None, reason="optional llama-cpp-python interpreter (LLAMA_PYTHON) not installed")
+def test_llama_cpp_row_is_scored_on_the_report_chunks_and_answers(trained, tmp_path):
+    """llama.cpp's own row (#15) on a tied, sequential-residual model: the report's windows, its reference, greedy answers."""
+    import yaml
+    from tokenizers import Tokenizer
+
+    from neox_mlc.evaluate import chunk_sizes, eval_windows, text_ids, token_nll
+    from neox_mlc.llamacpp import evaluate_llama_cpp
+    from neox_mlc.make_tokenizer import make_tokenizer
+    from neox_mlc.reference import hf_logits, load_hf_model
+
+    make_tokenizer(trained / "a", tmp_path / "tok")
+    tok_path = tmp_path / "tok" / "tokenizer.json"
+    template = yaml.safe_load((REPO / "config.yaml").read_text())["conv_templates"]["line_llm"]
+    text = (trained / "train.txt").read_text()
+    q = evaluate_llama_cpp(trained / "a", tok_path, "F16", text, 32, 256, template, ["表示します", "日本の首都は"], answer_tokens=6)
+    windows = eval_windows(text_ids(Tokenizer.from_file(str(tok_path)), text), 32, 256)
+    assert q["chunks"]["tokens"] == chunk_sizes(windows)  # the same chunks as every other row: pairwise verdicts hold
+    ref = load_hf_model(trained / "a")
+    first = token_nll(hf_logits(ref, windows[0])[:-1], np.asarray(windows[0][1:])).sum()
+    assert q["chunks"]["nll_reference"][0] == pytest.approx(first, rel=1e-6)  # scored against the float32 reference
+    # 1 layer: 4 matrices, the embedding and the tied head written again as output.weight; norms and biases float32
+    assert q["method"] == "llama.cpp F16" and q["tensor_types"] == {"F16": 6, "F32": 10} and q["kl_mean"] < 1e-5
+    # greedy through llama.cpp's own last-token logits: F16 answers what float32 answers
+    assert [a["bundle"] for a in q["answers"]] == [a["reference"] for a in q["answers"]] and any(a["bundle"] for a in q["answers"])

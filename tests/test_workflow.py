@@ -490,3 +490,16 @@ def test_editing_each_library_module_reruns_exactly_its_dependants(tiny_build):
                 os.utime(p, (1, 1))  # older than every output again: the next plan starts clean
         assert planned == set().union(*(expected[m] for m in group)), group
     assert len(groups) - 1 >= 8 and len(unused) >= 5  # most modules feed the bundle; the user tools do not
+
+
+def test_llama_cpp_rows_are_planned_only_when_configured_and_installed(wf, tmp_path):
+    """llama.cpp's own rows (#15) need the optional llama-cpp-python: none by default, none (with a warning) without it."""
+    fake = tmp_path / "fake-python"  # stands in for the llama.cpp interpreter at planning time only (nothing runs)
+    fake.write_text("#!/bin/sh\nexit 0\n")
+    fake.chmod(0o755)
+    assert "evaluate_llama_cpp" not in planned_jobs(run_snakemake(wf, "-n", "reports", env={"LLAMA_PYTHON": str(fake)}).stdout)
+    asked = ("--config", "llama_cpp_types=[Q4_0,Q8_0]")
+    assert planned_jobs(run_snakemake(wf, "-n", "reports", *asked, env={"LLAMA_PYTHON": str(fake)}).stdout)["evaluate_llama_cpp"] == 2
+    missing = run_snakemake(wf, "-n", "reports", *asked, env={"LLAMA_PYTHON": str(tmp_path / "nope")})
+    assert "evaluate_llama_cpp" not in planned_jobs(missing.stdout)
+    assert f"warning: no llama-cpp-python in {tmp_path / 'nope'} (LLAMA_PYTHON): the reports leave out llama.cpp Q4_0, Q8_0" in missing.stderr
