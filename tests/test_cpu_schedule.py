@@ -222,3 +222,96 @@ def test_prefill_matmul_is_tiled_and_matches_numpy(k, n, seq):
 
     ref = pre * (np.vectorize(erf)(pre * 0.7071067811865476) * 0.5 + 0.5)
     assert np.abs(res.numpy().astype(np.float32) - ref).max() <= 2e-3 * np.abs(ref).max()
+
+
+def _word_lanes(quant, k: int, n: int, cpu: str, plain: bool = False):
+    """The one-token kernel for ``[N, K/epw]`` weights (gpt_neox_model.word_lanes_nt_matmul_te) with a cast epilogue, built.
+
+    ``plain``: scheduled by the rule's fallback (``WordLanesGEMV._plain``) instead of the host rules.
+    """
+    import tvm
+    from tvm import s_tir, te
+    from tvm.s_tir import dlight as dl
+    from tvm.s_tir.dlight.analysis import normalize_prim_func
+
+    from neox_mlc.compile import make_target
+    from neox_mlc.cpu_schedule import WordLanesGEMV, host_rules
+    from neox_mlc.gpt_neox_model import word_lanes_nt_matmul_te
+
+    qw = te.placeholder((n, k // quant.elems_per_word), "uint32", name="qw")
+    qs = te.placeholder((n, k // quant.group_size), quant.model_dtype, name="qs")
+    x = te.placeholder((1, 1, k), quant.model_dtype, name="x")
+    y = word_lanes_nt_matmul_te(x, qw, qs, quant, n, k)
+    out = te.compute((1, 1, n), lambda b, s, j: y[b, s, j].astype(quant.model_dtype), name="cast")
+    func = te.create_prim_func([x, qw, qs, out])
+    target = make_target("llvm", cpu)
+    if plain:
+        sch = s_tir.Schedule(func)
+        epilogues = [i.block_rv for i in normalize_prim_func(sch)[len(WordLanesGEMV.NAMES) :]]
+        assert WordLanesGEMV._plain(sch, {name: sch.get_sblock(name) for name in WordLanesGEMV.NAMES}, epilogues, 8) is not None
+        mod = sch.mod
+    else:
+        with target:
+            mod = dl.ApplyDefaultSchedule(*host_rules())(tvm.IRModule({"main": func}))
+    return mod, tvm.compile(mod, target=target)
+
+
+def _vectorized_loops_reading(func, buffer_name: str) -> int:
+    """How many vectorized loops hold a block that reads ``buffer_name``."""
+    from tvm import tirx
+
+    found = [0]
+
+    def visit(stmt):
+        if isinstance(stmt, tirx.For) and stmt.kind == tirx.ForKind.VECTORIZED:
+            reads = []
+            tirx.stmt_functor.post_order_visit(
+                stmt.body, lambda s: reads.extend(r.buffer.name for r in s.block.reads) if isinstance(s, tirx.SBlockRealize) else None
+            )
+            found[0] += buffer_name in reads
+
+    tirx.stmt_functor.post_order_visit(func.body, visit)
+    return found[0]
+
+
+@pytest.mark.parametrize(
+    "name,bits,group,k,n,cpu,plain",
+    [
+        ("q4f16_1", 4, 32, 256, 512, "x86-64-v3", False),  # the top nibble reaches bit 31: read one bit lower
+        ("q4f16_1", 4, 32, 96, 264, "x86-64-v3", False),  # 12 words a row (4 lanes), N not a multiple of 16
+        ("q3f16_1", 3, 40, 160, 96, "x86-64-v3", False),  # 10 codes in 30 bits: no top-bit element
+        ("q4f32_1", 4, 32, 256, 48, "x86-64-v3", False),  # float32 scales and activations
+        ("q4f16_1", 4, 32, 256, 512, "x86-64-v3", True),  # the fallback schedule
+        pytest.param("q4f16_1", 4, 32, 512, 40, "x86-64-v4", False, marks=pytest.mark.skipif(not _has_avx512(), reason="no AVX-512 here")),
+    ],
+)
+def test_word_lanes_gemv_matches_numpy(name, bits, group, k, n, cpu, plain):
+    """``Σ_w s·(Σ_e xp·code·2^pos - max_int Σ_e x)`` over ``[N, K/epw]`` words equals ``W · x``, codes in every value.
+
+    And the host rules schedule it with SIMD along K (a vectorized loop reads the packed weight) in parallel.
+    """
+    import tvm
+    from tvm import tirx
+
+    from neox_mlc.quantization import Quantization
+
+    dtype = "float32" if "f32" in name else "float16"
+    quant = Quantization(name, "group-quant", dtype, bits=bits, group_size=group, transposed=False)
+    mod, lib = _word_lanes(quant, k, n, cpu, plain)
+    if not plain:
+        kinds = []
+        tirx.stmt_functor.post_order_visit(mod["main"].body, lambda s: kinds.append(s.kind) if isinstance(s, tirx.For) else None)
+        assert tirx.ForKind.PARALLEL in kinds and _vectorized_loops_reading(mod["main"], "qw"), "WordLanesGEMV did not schedule the kernel"
+    epw = quant.elems_per_word
+    rng = np.random.default_rng(2)
+    codes = rng.integers(0, 2 * quant.max_int + 1, size=(n, k // epw, epw), dtype=np.uint32)
+    codes[:, 0, -1] = 2 * quant.max_int  # the word's top element at its largest code
+    qw = np.bitwise_or.reduce(codes << (np.arange(epw, dtype=np.uint32) * bits), axis=2).astype(np.uint32)
+    qs = (rng.random((n, k // group)) * 0.01).astype(dtype)
+    x = rng.standard_normal((1, 1, k)).astype(dtype)
+    dev = tvm.cpu()
+    out = tvm.runtime.empty((1, 1, n), dtype, dev)
+    lib["main"](*(tvm.runtime.tensor(a, dev) for a in (x, qw, qs)), out)
+    w = (codes.reshape(n, k).astype(np.float32) - quant.max_int) * np.repeat(qs.astype(np.float32), group, axis=1)
+    ref = w @ x.astype(np.float32).reshape(-1)
+    assert np.abs(out.numpy().reshape(-1).astype(np.float32) - ref).max() <= 2e-3 * np.abs(ref).max()
