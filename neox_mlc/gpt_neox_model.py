@@ -141,7 +141,7 @@ def word_lanes_nt_matmul_te(xt: te.Tensor, qw: te.Tensor, qs: te.Tensor, quant: 
     2^-position(e)``, exact, contiguous over ``w``, once per call). Per word,
     ``Σ_e x (c - max_int) = Σ_e xp · (c · 2^position) - max_int Σ_e x`` (``x_word_offset``, the second
     term, also once per call) is then scaled by the word's group scale. A weight costs a mask, a
-    convert and a multiply-add (162.5 M q4f16_1 decode, one thread: 24.3 → 12.5 CPU ms per step with
+    convert and a multiply-add (162.5 M q4f16_1 decode, one thread: 24.4 → 12.5 CPU ms per step with
     AVX-512). Only the order of float32 additions changes.
     """
     epw, bits, words = quant.elems_per_word, quant.bits, k // quant.elems_per_word
@@ -170,11 +170,16 @@ def word_lanes_nt_matmul_te(xt: te.Tensor, qw: te.Tensor, qs: te.Tensor, quant: 
         return tirx.bitwise_and(word, tirx.const(((1 << bits) - 1) << position(e), "uint32")).astype("int32").astype("float32")
 
     def word_sum(b: Any, s: Any, j: Any, w: Any) -> tirx.PrimExpr:
-        """``offset + Σ_e xp·code``, written out (``te.create_prim_func`` drops a reduction's ``init``)."""
-        total = xn[b, s, w]
+        """``offset + Σ_e xp·code`` written out (``te.create_prim_func`` drops a reduction's ``init``), as two
+        chains of multiply-adds, even and odd ``e``, so each waits on half as many (output head 2.11 → 2.02 ms)."""
+        even, odd = xn[b, s, w], None
         for e in range(epw):
-            total = total + xp[b, s, e, w] * code_in_place(j, w, e)
-        return total
+            term = xp[b, s, e, w] * code_in_place(j, w, e)
+            if e % 2 == 0:
+                even = even + term
+            else:
+                odd = term if odd is None else odd + term
+        return even if odd is None else even + odd
 
     part = te.compute((*lead, n, words), word_sum, name="NT_matmul_word")
     rw = te.reduce_axis((0, words), name="rw")

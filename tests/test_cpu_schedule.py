@@ -282,6 +282,7 @@ def _vectorized_loops_reading(func, buffer_name: str) -> int:
         ("q3f16_1", 3, 40, 160, 96, "x86-64-v3", False),  # 10 codes in 30 bits: no top-bit element
         ("q4f32_1", 4, 32, 256, 48, "x86-64-v3", False),  # float32 scales and activations
         ("q4f16_1", 4, 32, 256, 512, "x86-64-v3", True),  # the fallback schedule
+        ("q4f16_1", 4, 32, 1024, 48, "x86-64-v3", False),  # 128 words a row: swept in chunks of K by the task's rows
         pytest.param("q4f16_1", 4, 32, 512, 40, "x86-64-v4", False, marks=pytest.mark.skipif(not _has_avx512(), reason="no AVX-512 here")),
     ],
 )
