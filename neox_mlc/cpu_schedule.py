@@ -361,6 +361,9 @@ class WordLanesGEMV(ScheduleRule):
     # 384 bytes, the chunk's xp 3 KiB), not row after row. One thread, weights out of cache, kernel ms:
     # K 12288 N 3072 3.3 → 1.8, K 3072 N 12288 2.6 → 1.9, K 3072 N 768 0.14 → 0.12 (chunks of 48: 1.9, 2.0, 0.13).
     CHUNK_WORDS = 96
+    # A row's lane sums are added in this many independent chains, not one chain of ``lanes`` adds: a
+    # 768-long row is short enough that the chain's latency showed (output head 2.05 → 1.89 ms; 8: the same).
+    HSUM_CHAINS = 4
 
     def apply(self, func: Any, target: Any, tunable: bool) -> Any:  # noqa: ARG002 - dlight's signature
         if not isinstance(func, tirx.PrimFunc):
@@ -403,6 +406,11 @@ class WordLanesGEMV(ScheduleRule):
         per_task = next(r for r in (cls.ROWS_PER_TASK, 1) if n % r == 0)
         _, wl = sch.split(rw, factors=[None, vec])
         rf = sch.rfactor(wl, factor_axis=len(sch.get(final).writes[0].buffer.shape))  # partials [..., N, vec]
+        chains = cls.HSUM_CHAINS if vec % cls.HSUM_CHAINS == 0 and vec > cls.HSUM_CHAINS else 1
+        if chains > 1:
+            _, lane = sch.get_loops(final)
+            _, li = sch.split(lane, factors=[None, chains])
+            hsum = sch.rfactor(li, factor_axis=len(sch.get(final).writes[0].buffer.shape))
         j, wo, wl = sch.get_loops(rf)
         jt, jo = sch.split(j, factors=[None, per_task])
         steps = words // vec
@@ -425,6 +433,13 @@ class WordLanesGEMV(ScheduleRule):
             sch.vectorize(sch.get_loops(cache)[-1])
         sch.set_scope(rf, 0, "local")
         sch.decompose_reduction(rf, wk if chunk < steps else wo)
+        if chains > 1:
+            sch.reverse_compute_at(hsum, jt if chunk < steps else jo)
+            *_, hi, hr = sch.get_loops(hsum)
+            sch.reorder(hr, hi)
+            sch.unroll(hr)
+            sch.unroll(hi)
+            sch.set_scope(hsum, 0, "local")
         sch.reverse_compute_at(final, jt if chunk < steps else jo)
         for epi in epilogues:
             try:
