@@ -16,6 +16,9 @@ are dlight rules, tried in order on each fused kernel:
   for the host (``gpt_neox_model.grouped_nt_matmul_te``: codes meet ``x`` unscaled, each group's sum is
   scaled once). Split over K like the GEMV above; the group sums of ``SIMD``-multiple outputs stay in
   registers, so a weight costs a mask, a convert and a multiply-add.
+* :class:`WordLanesGEMV` — one token against a ``[N, K]`` group-quantized weight (the ``_1`` layouts;
+  ``gpt_neox_model.word_lanes_nt_matmul_te``): SIMD along K, one vector of consecutive words per
+  step against ``x`` de-interleaved once per call, rows in parallel.
 * :class:`Matmul` — several tokens (prefill): a task holds ``NR`` weight rows in cache and runs
   every token against them, ``NR`` rows × ``LANES`` partial sums in registers, so each loaded token
   vector is used ``NR`` times.
