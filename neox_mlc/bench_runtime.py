@@ -58,12 +58,14 @@ FIXED_THREADS = {"NEOX_MLC_ADAPTIVE_THREADS": "0"}
 LLAMA_TYPES = ("F16", "Q8_0", "Q4_0")
 
 
-def mlc_speed_child(lib: Path, params: Path, cfg: Path, prompt: int, decode: int, threads: int, env: dict[str, str] | None = None) -> dict[str, Any]:
+def mlc_speed_child(lib: Path, params: Path, cfg: Path, prompt: int, decode: int, threads: int, env: dict[str, str] | None = None,
+                    timeout: float | None = None) -> dict[str, Any]:
     return run_child(
         "import json\nfrom neox_mlc.runtime import ModelRuntime\nfrom neox_mlc.evaluate import speed\n"
         f"rt = ModelRuntime({str(lib)!r}, {str(params)!r}, {str(cfg)!r})\n"
         f"print(json.dumps(speed(rt, {prompt}, {decode})))",
         env={"TVM_NUM_THREADS": str(threads), **(env or {})},
+        timeout=timeout,
     )
 
 
@@ -173,13 +175,26 @@ def _targets(out: dict[str, Any], llama: bool, torch_too: bool) -> dict[str, boo
     return targets
 
 
+DEFAULT_POOL_TIMEOUT_S = 180.0
+
+
+def _bounded(measure: Any, decode: int, timeout: float = DEFAULT_POOL_TIMEOUT_S) -> dict[str, Any]:
+    """One run given ``timeout`` seconds; a run that needs longer is recorded as such, with the bound it implies."""
+    import subprocess
+
+    try:
+        return measure(timeout)
+    except subprocess.TimeoutExpired:
+        return {"timed_out_after_s": timeout, "decode_tok_s_at_most": round(decode / timeout, 4)}
+
+
 def contention(work: Path, load: int, prompt: int, decode: int, threads: int, rounds: int, llama: str | None) -> dict[str, Any]:
     """Decode under ``load`` busy processes: 1 thread, TVM's default pool, the adaptive runtime, llama.cpp."""
     d = work / "q4f16_0"
     lib = (d / "lib-llvm.so", d / "params", d / "mlc-chat-config.json")
     engines = {
         "mlc_q4f16_0_1_thread": lambda: mlc_speed_child(*lib, prompt, decode, 1, FIXED_THREADS),
-        f"mlc_q4f16_0_{threads}_threads_tvm_default_pool": lambda: mlc_speed_child(*lib, prompt, decode, threads, TVM_DEFAULT_POOL),
+        f"mlc_q4f16_0_{threads}_threads_tvm_default_pool": lambda: _bounded(lambda t: mlc_speed_child(*lib, prompt, decode, threads, TVM_DEFAULT_POOL, t), decode),
         f"mlc_q4f16_0_{threads}_threads_adaptive": lambda: mlc_speed_child(*lib, prompt, decode, threads),
     }
     if llama:

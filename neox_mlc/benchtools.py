@@ -75,14 +75,17 @@ def make_checkpoint(out: Path, hidden: int, layers: int, vocab: int, shards: int
     return {"params": int(params), "bytes": sum(p.stat().st_size for p in out.glob("*.safetensors"))}
 
 
-def run_child(code: str, python: str = sys.executable, env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run Python code in a child (``python``, extra ``env``); return wall time, peak RSS and what it printed as JSON."""
+def run_child(code: str, python: str = sys.executable, env: dict[str, str] | None = None, timeout: float | None = None) -> dict[str, Any]:
+    """Run Python code in a child (``python``, extra ``env``); return wall time, peak RSS and what it printed as JSON.
+
+    With ``timeout`` (seconds) a child still running then is killed and ``subprocess.TimeoutExpired`` raised.
+    """
     # The child reports its own VmHWM: getrusage/wait4 maxrss would include the RSS this parent had
     # when it forked (Linux keeps it across exec), which is several GB after making a checkpoint.
     code += "\nimport json as _j\nprint(_j.dumps({'__hwm_kb': int([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])}))"
     start = time.perf_counter()
     full_env = {**os.environ, **(env or {})}
-    proc = subprocess.run([python, "-c", code], check=False, cwd=REPO, stdout=subprocess.PIPE, text=True, env=full_env)
+    proc = subprocess.run([python, "-c", code], check=False, cwd=REPO, stdout=subprocess.PIPE, text=True, env=full_env, timeout=timeout)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark child failed ({proc.returncode}): {code[:200]}")
