@@ -41,21 +41,34 @@ class ThreadChooser:
     The thread count changes only which thread computes which rows: the results are bit-identical.
     """
 
-    def __init__(self, candidates: Sequence[int], probe_steps: int = 2, period: int = 48) -> None:
+    def __init__(self, candidates: Sequence[int], probe_steps: int = 2, period: int = 48, free_cpus: Callable[[], float] | None = None) -> None:
+        """``free_cpus``: CPUs other processes left idle lately (:class:`CpuMeter`); counts above it are not probed."""
         if not candidates or min(candidates) < 1:
             raise WorkflowError(f"thread candidates {list(candidates)} must be positive counts")
         self.candidates = sorted(set(candidates), reverse=True)
         self.probe_steps, self.period = probe_steps, period
+        self.free_cpus = free_cpus
         self.choice = self.candidates[0]
         self._plan: list[int] = []
         self._times: dict[int, list[float]] = {}
         self._until_probe = 0
 
+    def _probed(self) -> list[int]:
+        """The counts worth timing now: none above the CPUs other processes leave free (at least one)."""
+        if self.free_cpus is None:
+            return self.candidates
+        room = max(1, int(self.free_cpus() + 0.5))
+        return [c for c in self.candidates if c <= room] or [min(self.candidates)]
+
     def next_threads(self) -> int:
         """Threads for the next step (starts a probe when one is due)."""
         if not self._plan and self._until_probe <= 0 and len(self.candidates) > 1:
-            self._plan = [c for _ in range(self.probe_steps) for c in self.candidates]
-            self._times = {c: [] for c in self.candidates}
+            probed = self._probed()
+            if len(probed) == 1:  # no CPU to spare: a step on more threads would only wait for a busy one
+                self.choice, self._until_probe = probed[0], self.period
+                return self.choice
+            self._plan = [c for _ in range(self.probe_steps) for c in probed]
+            self._times = {c: [] for c in probed}
         return self._plan[0] if self._plan else self.choice
 
     def record(self, threads: int, seconds: float) -> None:
@@ -63,10 +76,10 @@ class ThreadChooser:
         if self._plan:
             self._times[threads].append(seconds)
             self._plan.pop(0)
-            if self._plan and len(self._plan) % len(self.candidates) == 0 and self._clear_winner():
+            if self._plan and len(self._plan) % len(self._times) == 0 and self._clear_winner():
                 self._plan = []  # a slow count is not tried again just to confirm it is slow
             if not self._plan:
-                self.choice = min(self.candidates, key=lambda c: statistics.median(self._times[c]))
+                self.choice = min(self._times, key=lambda c: statistics.median(self._times[c]))
                 self._until_probe = self.period
         else:
             self._until_probe -= 1
@@ -74,8 +87,51 @@ class ThreadChooser:
 
     def _clear_winner(self) -> bool:
         """After a full round of the probe: is the slowest count already ``CLEAR_RATIO`` × the fastest?"""
-        medians = [statistics.median(self._times[c]) for c in self.candidates]
+        medians = [statistics.median(t) for t in self._times.values()]
         return max(medians) >= CLEAR_RATIO * min(medians)
+
+
+class CpuMeter:
+    """CPUs that other processes left idle since the previous reading, from ``/proc/stat`` and this process's own CPU time.
+
+    Why: TVM splits a parallel loop into one fixed share per thread and waits for the slowest, so a
+    thread on a CPU another process is using stalls the whole step; timing such a step to find that
+    out costs more than one-thread decode gains back (162.5 M q4f16_0 under 4 busy processes on 2
+    CPUs: 25.5 tok/s with probing, 46 on one thread). Where ``/proc/stat`` is unreadable every CPU
+    counts as free (the probe decides, as before).
+    """
+
+    def __init__(self, cpus: set[int]) -> None:
+        self.cpus = cpus  # the CPUs this process may run on (a Slurm job's allotment, not the node)
+        self._last = self._sample()
+
+    def _sample(self) -> tuple[float, float, float] | None:
+        busy = 0.0
+        try:
+            for line in Path("/proc/stat").read_text().splitlines():
+                name, *values = line.split()
+                if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in self.cpus:
+                    fields = [float(x) for x in values]
+                    busy += sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0.0)  # all but idle, iowait
+        except (OSError, ValueError, IndexError):
+            return None
+        own = sum(os.times()[:2])
+        return time.monotonic(), busy / float(os.sysconf("SC_CLK_TCK")), own
+
+    def __call__(self) -> float:
+        now = self._sample()
+        last, self._last = self._last, now
+        if now is None or last is None or now[0] - last[0] < 0.05:
+            return float(len(self.cpus))
+        others = max(0.0, (now[1] - last[1]) - (now[2] - last[2])) / (now[0] - last[0])
+        return max(0.0, len(self.cpus) - others)
+
+
+def _affinity() -> set[int]:
+    try:
+        return set(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux: /proc/stat is absent too, and every CPU counts as free
+        return set(range(os.cpu_count() or 1))
 
 
 def _pool_threads(value: str) -> int:
@@ -158,7 +214,9 @@ class ModelRuntime:
         self.threads = self.max_threads
         self._config_pool = tvm.get_global_func("runtime.config_threadpool")
         adaptive = os.environ.get("NEOX_MLC_ADAPTIVE_THREADS", "1") != "0"
-        self.chooser = ThreadChooser(thread_candidates(self.max_threads) if adaptive else [self.max_threads])
+        self.chooser = ThreadChooser(
+            thread_candidates(self.max_threads) if adaptive else [self.max_threads], free_cpus=CpuMeter(_affinity()) if adaptive else None
+        )
 
     def set_threads(self, n: int) -> None:
         """Run the following kernels on ``n`` threads of TVM's pool (at most TVM_NUM_THREADS)."""

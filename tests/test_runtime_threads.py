@@ -43,3 +43,30 @@ def test_tvm_num_threads_must_be_a_count():
     assert _pool_threads("2") == 2 and _pool_threads("0") == 1
     with pytest.raises(WorkflowError, match="TVM_NUM_THREADS='two'"):
         _pool_threads("two")
+
+
+def test_no_probe_of_more_threads_when_other_processes_hold_the_cpus():
+    """Under load a single probe step on 2 threads cost more than one-thread decode gained (25.5 vs 46 tok/s)."""
+    free = {"cpus": 0.4}
+    chooser = ThreadChooser([2, 1], probe_steps=2, period=10, free_cpus=lambda: free["cpus"])
+    slow_if_shared = {2: 0.500, 1: 0.020}
+    assert set(_run(chooser, slow_if_shared, 40)) == {1}  # never a step on 2 threads
+    free["cpus"] = 1.9  # the load went away: the next probe times both counts again
+    used = _run(chooser, {2: 0.010, 1: 0.013}, 20)
+    assert 2 in used and chooser.choice == 2
+
+
+def test_cpu_meter_reads_this_machines_idle_cpus():
+    import os
+    import time
+
+    from neox_mlc.runtime import CpuMeter
+
+    cpus = set(os.sched_getaffinity(0))
+    meter = CpuMeter(cpus)
+    time.sleep(0.2)
+    assert 0.0 <= meter() <= len(cpus)
+    end = time.monotonic() + 0.3
+    while time.monotonic() < end:  # this process's own work is not counted as another's
+        pass
+    assert meter() >= len(cpus) - 1.0 - 0.3 or os.getloadavg()[0] > len(cpus)
