@@ -145,8 +145,8 @@ def _outer_width(n: int) -> int | None:
     return next((w for w in OUTER_WIDTHS if n % w == 0), None)
 
 
-def _attach_epilogues(sch: Any, parts: _MatmulParts, loop: Any) -> None:
-    for epi in parts.epilogues:
+def _attach_epilogues(sch: Any, epilogues: list[Any], loop: Any) -> None:
+    for epi in epilogues:
         try:
             sch.reverse_compute_at(epi, loop, preserve_unit_loops=True)
         except Exception:  # noqa: BLE001 - an epilogue that cannot move stays a separate loop, correct
@@ -221,7 +221,7 @@ class GEMV(_MatmulRule):
         rf = sch.rfactor(k1, factor_axis=len(sch.get(parts.block).writes[0].buffer.shape))
         n0, n1, k0, k1 = sch.get_loops(rf)  # the partial sums' own loop nest
         sch.reverse_compute_at(parts.block, n1, preserve_unit_loops=True)
-        _attach_epilogues(sch, parts, n1)
+        _attach_epilogues(sch, parts.epilogues, n1)
         sch.parallel(n0)
         sch.decompose_reduction(rf, k0)
         sch.unroll(k1)
@@ -237,7 +237,7 @@ class GEMV(_MatmulRule):
         sch.reorder(n0, k0, k1, n1)
         acc = sch.cache_write(parts.block, 0, "local")  # running sums in a small local buffer, not the output
         sch.reverse_compute_at(acc, n0, preserve_unit_loops=True)
-        _attach_epilogues(sch, parts, n0)
+        _attach_epilogues(sch, parts.epilogues, n0)
         sch.parallel(n0)
         sch.decompose_reduction(parts.block, k0)
         sch.unroll(k1)
@@ -269,7 +269,7 @@ class GEMV(_MatmulRule):
         *out, r = sch.get_loops(parts.block)
         o0, o1 = sch.split(_fused(sch, out), factors=[None, _outer_width(parts.n) or SIMD])
         sch.reorder(o0, r, o1)
-        _attach_epilogues(sch, parts, o0)
+        _attach_epilogues(sch, parts.epilogues, o0)
         sch.parallel(o0)
         return sch
 
@@ -334,11 +334,7 @@ class GroupedGEMV(ScheduleRule):
         *out, r = sch.get_loops(final)
         o0, o1 = sch.split(_fused(sch, out), factors=[None, _outer_width(n) or vec])
         sch.reorder(o0, r, o1)
-        for epi in epilogues:
-            try:
-                sch.reverse_compute_at(epi, o0, preserve_unit_loops=True)
-            except Exception:  # noqa: BLE001 - an epilogue that cannot move stays a separate loop, correct
-                break
+        _attach_epilogues(sch, epilogues, o0)
         sch.parallel(o0)
         return sch
 
@@ -464,7 +460,7 @@ class WordLanesGEMV(ScheduleRule):
         j, _, n, _ = found
         jt, _ = sch.split(j, factors=[None, next(r for r in (cls.ROWS_PER_TASK, 1) if n % r == 0)])
         sch.parallel(jt)
-        _attach_epilogues(sch, _MatmulParts(final, 1, n, 0, True, epilogues), jt)
+        _attach_epilogues(sch, epilogues, jt)
         return sch
 
 
@@ -496,12 +492,12 @@ class Matmul(_MatmulRule):
             kb, k0 = sch.split(k0, factors=[None, K_BLOCK // LANES])
             sch.reorder(kb, m)  # the sums of every token persist across the blocks (a small per-task buffer)
             sch.reverse_compute_at(parts.block, n0, preserve_unit_loops=True)
-            _attach_epilogues(sch, parts, n0)
+            _attach_epilogues(sch, parts.epilogues, n0)
             sch.parallel(n0)
             sch.decompose_reduction(rf, kb)
         else:
             sch.reverse_compute_at(parts.block, m, preserve_unit_loops=True)
-            _attach_epilogues(sch, parts, m)
+            _attach_epilogues(sch, parts.epilogues, m)
             sch.parallel(sch.fuse(n0, m))  # (a fused loop: dataflow under a parallel n0 alone is not compact)
             sch.decompose_reduction(rf, k0)
         for loop in (n1, k1):
