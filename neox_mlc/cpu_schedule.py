@@ -55,7 +55,7 @@ SPLIT_ROWS = 8
 WHOLE_ROW_MAX = 4096
 # GroupedGEMV: wider rows are swept in the widest of these blocks that divides N, so each word row is
 # read in pieces of at least a 4 KiB page where N allows: 3.6 B shape q4f16_0 decode, one thread, CPU
-# ms a step: 330 → 172 (MLP up, N 12288: 114 → 57; QKV, N 9216: 86 → 44; head, N 51200: 15 → 8).
+# ms a step: 330 → 167 (MLP up, N 12288: 114 → 46; QKV, N 9216: 86 → 38; head, N 51200: 15 → 7).
 STREAM_WIDTHS = (4096, 2048, 1024, *OUTER_WIDTHS)
 SIMD = 8  # float32 lanes of one AVX2 register: the explicitly vectorised loop over outputs
 # GroupedGEMV: groups of K per parallel task, and outputs whose group sums stay in registers: 4 AVX-512
