@@ -149,8 +149,9 @@ def _matmul_parts(sch: Any) -> _MatmulParts | None:
     return _MatmulParts(info.block_rv, rows, n, k, inner, [x.block_rv for x in epilogues])
 
 
-def _outer_width(n: int) -> int | None:
-    return next((w for w in OUTER_WIDTHS if n % w == 0), None)
+def _outer_width(n: int, widths: tuple[int, ...] = OUTER_WIDTHS) -> int | None:
+    """The widest of ``widths`` that divides ``n``."""
+    return next((w for w in widths if n % w == 0), None)
 
 
 def _attach_epilogues(sch: Any, epilogues: list[Any], loop: Any) -> None:
@@ -163,8 +164,9 @@ def _attach_epilogues(sch: Any, epilogues: list[Any], loop: Any) -> None:
 
 def _reads_across(sch: Any, block: Any) -> bool:
     """Whether a 2-D block reads some buffer with its *outer* index last (a transposing read)."""
-    outer, inner = (iv.var for iv in sch.get(block).iter_vars[-2:])
-    for region in sch.get(block).reads:
+    stmt = sch.get(block)
+    outer, inner = (iv.var for iv in stmt.iter_vars[-2:])
+    for region in stmt.reads:
         last = _vars_in(region.region[-1].min)
         if outer in last and inner not in last:
             return True
@@ -343,7 +345,7 @@ class GroupedGEMV(ScheduleRule):
         gt, _ = sch.split(rg, factors=[None, per_task])
         rf = sch.rfactor(gt, factor_axis=0)  # partials [groups / GROUPS_PER_TASK, ..., N]: contiguous in N
         nn, gt, gi = sch.get_loops(rf)
-        width = n if n <= WHOLE_ROW_MAX else next((w for w in STREAM_WIDTHS if n % w == 0), vec)
+        width = n if n <= WHOLE_ROW_MAX else _outer_width(n, STREAM_WIDTHS) or vec
         n0, n1 = sch.split(nn, factors=[None, width])
         n10, n11 = sch.split(n1, factors=[None, vec])
         sch.reorder(gt, n0, gi, n10, n11)

@@ -111,7 +111,7 @@ def test_grouped_gemv_reads_wide_rows_in_page_sized_pieces():
     """Past ``WHOLE_ROW_MAX`` outputs a task sweeps each word row in pieces of at least 1024 words (4 KiB).
 
     In 256-word pieces (1 KiB, then a jump of 4·N bytes to the next word row) the prefetcher never got
-    going: 3.6 B shape q4f16_0 decode, one thread, 330 CPU ms a step against 172 (MLP up, N 12288: 114 → 57).
+    going: 3.6 B shape q4f16_0 decode, one thread, 330 CPU ms a step against 167 (MLP up, N 12288: 114 → 46).
     """
     from tvm import tirx
 
