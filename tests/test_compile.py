@@ -153,8 +153,9 @@ def test_q0f32_32_greedy_tokens_identical(tiny_model, bundle, prompt_ids):
     assert ours == out[0, len(prompt_ids):].tolist()
 
 
-@pytest.mark.parametrize("quant", ["q0f32", "q4f16_1"])
+@pytest.mark.parametrize("quant", ["q0f32", "q4f16_1", "q4f16_0"])
 def test_decode_after_prefill_equals_fresh_prefill(quant, bundle, prompt_ids):
+    """Decode runs other kernels than prefill (q4f16_0 on a VNNI host: int16 activations, cpu_gemv)."""
     rt = _runtime(bundle, quant)
     rt.prefill(prompt_ids[:-1])
     stepped = rt.decode(prompt_ids[-1])
@@ -249,6 +250,30 @@ def test_weights_are_read_as_stored_never_transposed_or_unpacked_per_call(quant,
                 loops = []
                 tirx.stmt_functor.post_order_visit(func.body, lambda s, loops=loops: loops.append(s.kind) if isinstance(s, tirx.For) else None)
                 assert tirx.ForKind.PARALLEL in loops, name
+
+
+def test_params_move_to_huge_pages_with_the_same_values(bundle, prompt_ids, monkeypatch):
+    """The runtime copies parameters into one mapping advised for transparent huge pages (runtime.on_huge_pages)."""
+    from pathlib import Path
+
+    rt = _runtime(bundle, "q4f16_0")
+    monkeypatch.setenv("NEOX_MLC_HUGE_PAGES", "0")
+    plain = _runtime(bundle, "q4f16_0")
+    assert np.array_equal(rt.prefill(prompt_ids), plain.prefill(prompt_ids))
+    addresses = [np.from_dlpack(t).ctypes.data for t in rt.params]
+    assert all(a % 4096 == 0 for a in addresses) and addresses == sorted(addresses)
+    if "[never]" in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text():
+        return
+    mapping = None
+    for block in Path("/proc/self/smaps").read_text().split("\n"):
+        head = block.split()[0] if block and "-" in block.split()[0] and ":" not in block.split()[0] else None
+        if head:
+            lo, hi = (int(v, 16) for v in head.split("-"))
+            mapping = lo <= addresses[0] < hi
+        elif mapping and block.startswith("THPeligible:"):
+            assert block.split()[1] == "1"
+            return
+    raise AssertionError("no THPeligible line for the parameters' mapping")
 
 
 def test_sequence_longer_than_context_window_is_refused(bundle):
