@@ -40,6 +40,18 @@ HOSTS = {
 }
 
 
+def _cpu_flags() -> set[str]:
+    """This x86-64 host's ``/proc/cpuinfo`` flags (empty elsewhere)."""
+    import platform
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return set()
+    try:
+        return set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return set()
+
+
 def default_host_cpu() -> str | None:
     """The x86-64 level of this host: ``x86-64-v4`` (AVX-512) or ``x86-64-v3`` (AVX2, FMA, F16C), else generic.
 
@@ -49,17 +61,19 @@ def default_host_cpu() -> str | None:
     any CPU of that level; build with ``--host-cpu x86-64-v3`` for a library that must also run on
     CPUs without AVX-512 (llama.cpp's ``GGML_NATIVE`` makes the same choice by default).
     """
-    import platform
-
-    if platform.machine() not in ("x86_64", "AMD64"):
-        return None
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return None
+    flags = _cpu_flags()
     if not {"avx2", "fma", "f16c"} <= flags:
         return None
     return "x86-64-v4" if {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"} <= flags else "x86-64-v3"
+
+
+def default_host_features() -> list[str]:
+    """LLVM features added to :func:`default_host_cpu`'s level: ``+avx512vnni`` where this AVX-512 host has it.
+
+    Why: x86-64-v4 leaves VNNI out, and ``neox_mlc/cpu_gemv.py``'s decode GEMVs need it (3.6 B shape
+    q4f16_0 decode, see that module). An explicit ``--host-cpu`` gets its CPU's own features only.
+    """
+    return ["+avx512vnni"] if default_host_cpu() == "x86-64-v4" and "avx512_vnni" in _cpu_flags() else []
 
 
 @dataclass(frozen=True)
@@ -87,7 +101,8 @@ def make_target(device: str, host_cpu: str | None = None, cuda: CudaOptions | No
         raise WorkflowError(f"the iPhone proxy build emits CUDA: use it with device cuda, not {device!r}")
     if device in ("llvm", "cpu"):
         cpu = host_cpu or default_host_cpu()
-        return Target({"kind": "llvm", "mcpu": cpu} if cpu else "llvm")
+        mattr = [] if host_cpu else default_host_features()
+        return Target({"kind": "llvm", **({"mcpu": cpu} if cpu else {}), **({"mattr": mattr} if mattr else {})})
     if device in HOSTS:
         return Target(_APPLE_GPU, host=HOSTS[device])
     if device == "cuda":
@@ -284,7 +299,10 @@ def export_module(
     quant = get_quantization(cfg["quantization"])
     target = schedule_target(make_target(device, host_cpu, cuda), cuda)
     host = target.kind.name == "llvm"
-    model = GPTNeoXForCausalLM(NeoXConfig.from_chat_config(cfg, dequantize_rows=host, polynomial_erf=host), quant, target)
+    from neox_mlc import cpu_gemv
+
+    neox = NeoXConfig.from_chat_config(cfg, dequantize_rows=host, polynomial_erf=host, int16_dot=host and cpu_gemv.supported(target))
+    model = GPTNeoXForCausalLM(neox, quant, target)
     mod, params = model.export_tvm(spec=model.get_default_spec())
     mod = add_kv_cache_creation(mod, model)
     if host:  # TVM's CPU attention kernels are scalar and single-threaded; same kernels, parallel and vectorised

@@ -30,6 +30,7 @@ from tvm.relax.frontend.nn import Tensor, op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
 from tvm.target import Target
 
+from neox_mlc import cpu_gemv
 from neox_mlc.neox_config import NeoXConfig
 from neox_mlc.quantization import Quantization
 
@@ -208,6 +209,12 @@ def _word_lanes_nt_matmul(x: Tensor, q_weight: Tensor, q_scale: Tensor, quant: Q
     return op.tensor_expr_op(compute, "dequantize_NT_matmul", [x, q_weight, q_scale])
 
 
+def _int16_gemv(x: Tensor, q_weight: Tensor, q_scale: Tensor, quant: Quantization, n: int, k: int) -> Tensor:
+    """``NT_matmul`` of a ``[K/8, N]`` 4-bit weight by ``cpu_gemv``'s VNNI kernel (float32 ``[B, 1, N]``)."""
+    func = cpu_gemv.grouped_gemv_columns(k, n, quant.max_int, x.dtype, quant.model_dtype)
+    return op.tensor_ir_op(func, "dequantize_NT_matmul_int16", [x, q_weight, q_scale], Tensor.placeholder((x.shape[0], 1, n), "float32"))
+
+
 def _as_stored(ws: list[te.Tensor], i: Any, j: Any) -> tirx.PrimExpr:
     """``W[i, j]`` of a weight that is stored plainly ``[N, K]``."""
     return ws[0][i, j]
@@ -247,13 +254,24 @@ class QLinear(nn.Module):
     64-token prefill, one thread: 9.0 → 7.9 CPU s; float32 for ``q4f32_1``).
     """
 
-    def __init__(self, in_features: int, out_features: int, quant: Quantization, bias: bool, bias_dtype: str | None, out_dtype: str | None, dequantize_rows: bool) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        quant: Quantization,
+        bias: bool,
+        bias_dtype: str | None,
+        out_dtype: str | None,
+        dequantize_rows: bool,
+        int16_dot: bool = False,
+    ) -> None:
         self.in_features, self.out_features, self.quant = in_features, out_features, quant
         self.out_dtype = out_dtype or quant.model_dtype
         self.dequantize_rows = dequantize_rows
+        self.transposed = quant.layout_transposed(embedding=False)
+        self.int16_dot = int16_dot and cpu_gemv.applies(quant.bits, quant.elems_per_word, quant.group_size, in_features, out_features, self.transposed)
         kp = quant.padded_k(in_features)
         words, groups = kp // quant.elems_per_word, kp // quant.group_size
-        self.transposed = quant.layout_transposed(embedding=False)
         if self.transposed:
             self.q_weight = nn.Parameter((words, out_features), "uint32")
             self.q_scale = nn.Parameter((groups, out_features), quant.model_dtype)
@@ -267,6 +285,8 @@ class QLinear(nn.Module):
         if self.dequantize_rows and not _one_token_per_sequence(x):
             w = _dequantize(self.q_weight, self.q_scale, quant, k, self.transposed, quant.model_dtype)
             y = _nt_matmul(x, [w], _as_stored, n, k, "NT_matmul")
+        elif self.int16_dot and _one_token_per_sequence(x):
+            y = _int16_gemv(x, self.q_weight, self.q_scale, quant, n, k)
         elif self.dequantize_rows and self.transposed and k % quant.group_size == 0 and quant.group_size % quant.elems_per_word == 0:
             y = _grouped_nt_matmul(x, self.q_weight, self.q_scale, quant, n, k, self.transposed)
         elif self.dequantize_rows and not self.transposed and k % quant.group_size == 0 and quant.group_size % quant.elems_per_word == 0:
@@ -297,7 +317,7 @@ class QEmbedding(nn.Module):
 
 def _linear(cfg: NeoXConfig, quant: Quantization, k: int, n: int, bias: bool = True, out_dtype: str | None = None) -> nn.Module:
     if quant.kind == "group-quant":
-        return QLinear(k, n, quant, bias, out_dtype, out_dtype, cfg.dequantize_rows)
+        return QLinear(k, n, quant, bias, out_dtype, out_dtype, cfg.dequantize_rows, cfg.int16_dot)
     return Linear(k, n, quant.model_dtype, bias, out_dtype, out_dtype)
 
 
