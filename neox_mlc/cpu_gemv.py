@@ -41,6 +41,7 @@ default host target adds ``+avx512vnni`` where the CPU has it (``compile.default
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from tvm import tirx
@@ -85,6 +86,7 @@ def plan(k: int, n: int) -> tuple[int, int]:
     return panel, split
 
 
+@functools.cache  # one kernel per layer shape: a 3.6 B model has 121 such layers and 5 shapes (TVMScript parse 0.09 s each)
 def grouped_gemv_columns(k: int, n: int, max_int: int, x_dtype: str, scale_dtype: str) -> tirx.PrimFunc:
     """``y[b, 0, j] = Σ_k x[b, 0, k] · (code[k, j] - max_int) · scale[k // 32, j]`` for words stored ``[K/8, N]``.
 

@@ -263,7 +263,7 @@ class QLinear(nn.Module):
         bias_dtype: str | None,
         out_dtype: str | None,
         dequantize_rows: bool,
-        int16_dot: bool = False,
+        int16_dot: bool,
     ) -> None:
         self.in_features, self.out_features, self.quant = in_features, out_features, quant
         self.out_dtype = out_dtype or quant.model_dtype
