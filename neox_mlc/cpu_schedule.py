@@ -155,11 +155,35 @@ def _outer_width(n: int, widths: tuple[int, ...] = OUTER_WIDTHS) -> int | None:
 
 
 def _attach_epilogues(sch: Any, epilogues: list[Any], loop: Any) -> None:
-    for epi in epilogues:
+    for epi in _movable_epilogues(sch, epilogues, loop):
         try:
             sch.reverse_compute_at(epi, loop, preserve_unit_loops=True)
         except Exception:  # noqa: BLE001 - an epilogue that cannot move stays a separate loop, correct
             return
+
+
+def _movable_epilogues(sch: Any, epilogues: list[Any], loop: Any) -> list[Any]:
+    """The epilogues that may move under the kernel's parallel ``loop``, in order.
+
+    An epilogue that reads nothing made under ``loop`` (e.g. another layer's output plus its bias, fused
+    in because a later block adds both) would be computed whole by every task, and a block after it
+    would then be given the whole output range per task, reading rows other tasks have not written yet
+    (a race: NaN logits in a q4f16_1 decode). Such an epilogue is inlined into its consumer instead;
+    where it cannot be, it and every epilogue after it stay separate loops after the kernel.
+    """
+    made = [w.buffer for b in sch.get_child_blocks(loop) for w in sch.get(b).writes]
+    movable = []
+    for epi in epilogues:
+        stmt = sch.get(epi)
+        if any(r.buffer.same_as(m) for r in stmt.reads for m in made):
+            movable.append(epi)
+            made.extend(w.buffer for w in stmt.writes)
+            continue
+        try:
+            sch.compute_inline(epi)
+        except Exception:  # noqa: BLE001 - not inlinable: leave it and the rest where they are
+            return movable
+    return movable
 
 
 def _reads_across(sch: Any, block: Any) -> bool:
@@ -468,7 +492,7 @@ class WordLanesGEMV(ScheduleRule):
             sch.unroll(hi)
             sch.set_scope(hsum, 0, "local")
         sch.reverse_compute_at(final, jt if chunk < steps else jo)
-        for epi in epilogues:
+        for epi in _movable_epilogues(sch, epilogues, jt):
             try:
                 sch.reverse_compute_at(epi, jt, preserve_unit_loops=True)
             except Exception:  # noqa: BLE001 - an epilogue that cannot move stays a separate loop, correct

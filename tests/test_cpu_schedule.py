@@ -371,3 +371,51 @@ def test_word_lanes_gemv_matches_numpy(name, bits, group, k, n, cpu, plain):
     w = (codes.reshape(n, k).astype(np.float32) - quant.max_int) * np.repeat(qs.astype(np.float32), group, axis=1)
     ref = w @ x.astype(np.float32).reshape(-1)
     assert np.abs(out.numpy().reshape(-1).astype(np.float32) - ref).max() <= 2e-3 * np.abs(ref).max()
+
+
+def test_word_lanes_gemv_epilogue_that_adds_another_layers_output_runs_per_task():
+    """``cast(W·x) + cast(other + bias)``, as FuseOps fuses a q4f16_1 decode's dense layer with an int16
+    kernel's 4h→h output: the ``other + bias`` chain reads nothing the kernel makes. Moved whole under
+    the parallel row loop, every task computed the sum for all N rows, reading rows other tasks had
+    not written (NaN logits). Each task must handle only its rows, and the result must be exact."""
+    import tvm
+    from tvm import te, tirx
+    from tvm.s_tir import dlight as dl
+
+    from neox_mlc.compile import make_target
+    from neox_mlc.cpu_schedule import host_rules
+    from neox_mlc.gpt_neox_model import word_lanes_nt_matmul_te
+    from neox_mlc.quantization import Quantization
+
+    k, n = 256, 64
+    quant = Quantization("q4f16_1", "group-quant", "float16", bits=4, group_size=32, transposed=False)
+    qw = te.placeholder((n, k // 8), "uint32", name="qw")
+    qs = te.placeholder((n, k // 32), "float16", name="qs")
+    x = te.placeholder((1, 1, k), "float16", name="x")
+    other = te.placeholder((1, 1, n), "float32", name="other")
+    bias = te.placeholder((n,), "float32", name="bias")
+    y = word_lanes_nt_matmul_te(x, qw, qs, quant, n, k)
+    mine = te.compute((1, 1, n), lambda b, s, j: y[b, s, j].astype("float16"), name="cast")
+    theirs = te.compute((1, 1, n), lambda b, s, j: other[b, s, j] + bias[j], name="other_bias")
+    theirs16 = te.compute((1, 1, n), lambda b, s, j: theirs[b, s, j].astype("float16"), name="other_cast")
+    out = te.compute((1, 1, n), lambda b, s, j: mine[b, s, j] + theirs16[b, s, j], name="sum")
+    func = te.create_prim_func([x, qw, qs, other, bias, out])
+    target = make_target("llvm", "x86-64-v3")
+    with target:
+        mod = dl.ApplyDefaultSchedule(*host_rules())(tvm.IRModule({"main": func}))
+    parallel = []
+    tirx.stmt_functor.post_order_visit(mod["main"].body, lambda s: parallel.append(s) if isinstance(s, tirx.For) and s.kind == tirx.ForKind.PARALLEL else None)
+    assert len(parallel) == 1, "WordLanesGEMV did not schedule the kernel"
+    extents = []
+    tirx.stmt_functor.post_order_visit(parallel[0].body, lambda s: extents.append(int(s.extent)) if isinstance(s, tirx.For) else None)
+    assert n not in extents, f"a task loops over all {n} rows: {extents}"
+    lib = tvm.compile(mod, target=target)
+    rng = np.random.default_rng(3)
+    qwv = rng.integers(0, 2**32, (n, k // 8), dtype=np.uint32)
+    qsv = (rng.random((n, k // 32)) * 0.01).astype("float16")
+    xv, ov, bv = rng.standard_normal((1, 1, k)).astype("float16"), rng.standard_normal((1, 1, n)).astype("float32"), rng.standard_normal(n).astype("float32")
+    res = tvm.runtime.empty((1, 1, n), "float16", tvm.cpu())
+    lib["main"](*(tvm.runtime.tensor(a) for a in (xv, qwv, qsv, ov, bv)), res)
+    codes = np.stack([(qwv >> np.uint32(4 * e)) & np.uint32(15) for e in range(8)], axis=2).reshape(n, k).astype(np.float32)
+    ref = ((codes - 7) * np.repeat(qsv.astype(np.float32), 32, axis=1)) @ xv.reshape(-1).astype(np.float32) + (ov.reshape(-1) + bv).astype(np.float16)
+    assert np.abs(res.numpy().reshape(-1).astype(np.float32) - ref).max() <= 2e-3 * np.abs(ref).max()
