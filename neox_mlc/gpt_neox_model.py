@@ -209,9 +209,10 @@ def _word_lanes_nt_matmul(x: Tensor, q_weight: Tensor, q_scale: Tensor, quant: Q
     return op.tensor_expr_op(compute, "dequantize_NT_matmul", [x, q_weight, q_scale])
 
 
-def _int16_gemv(x: Tensor, q_weight: Tensor, q_scale: Tensor, quant: Quantization, n: int, k: int) -> Tensor:
-    """``NT_matmul`` of a ``[K/8, N]`` 4-bit weight by ``cpu_gemv``'s VNNI kernel (float32 ``[B, 1, N]``)."""
-    func = cpu_gemv.grouped_gemv_columns(k, n, quant.max_int, x.dtype, quant.model_dtype)
+def _int16_gemv(x: Tensor, q_weight: Tensor, q_scale: Tensor, quant: Quantization, n: int, k: int, transposed: bool) -> Tensor:
+    """``NT_matmul`` of a 4-bit weight by ``cpu_gemv``'s VNNI kernel for its layout (float32 ``[B, 1, N]``)."""
+    kernel = cpu_gemv.grouped_gemv_columns if transposed else cpu_gemv.grouped_gemv_rows
+    func = kernel(k, n, quant.max_int, x.dtype, quant.model_dtype)
     return op.tensor_ir_op(func, "dequantize_NT_matmul_int16", [x, q_weight, q_scale], Tensor.placeholder((x.shape[0], 1, n), "float32"))
 
 
@@ -286,7 +287,7 @@ class QLinear(nn.Module):
             w = _dequantize(self.q_weight, self.q_scale, quant, k, self.transposed, quant.model_dtype)
             y = _nt_matmul(x, [w], _as_stored, n, k, "NT_matmul")
         elif self.int16_dot and _one_token_per_sequence(x):
-            y = _int16_gemv(x, self.q_weight, self.q_scale, quant, n, k)
+            y = _int16_gemv(x, self.q_weight, self.q_scale, quant, n, k, self.transposed)
         elif self.dequantize_rows and self.transposed and k % quant.group_size == 0 and quant.group_size % quant.elems_per_word == 0:
             y = _grouped_nt_matmul(x, self.q_weight, self.q_scale, quant, n, k, self.transposed)
         elif self.dequantize_rows and not self.transposed and k % quant.group_size == 0 and quant.group_size % quant.elems_per_word == 0:

@@ -1,7 +1,8 @@
 """The host library's integer-dot-product decode GEMV (neox_mlc/cpu_gemv.py) against numpy.
 
-The kernel quantizes ``x`` to int16 per group of 32 (scale ``max|x| / 32767``), so each product may be
-off by at most ``|W[j, k]| · max|x|_group / 65534``; the test holds every output to that bound (plus
+The kernels quantize ``x`` to int16 per group of 32 (scale ``max|x| / Q``, ``Q`` = 32767 for the columns
+kernel, 32639 for the rows kernel's byte split), so each product may be off by at most
+``|W[j, k]| · max|x|_group / 2Q``; the test holds every output to that bound (plus
 float32 rounding), which a wrong lane, pair or group — or int8 activations — would break.
 """
 
@@ -28,27 +29,50 @@ def _dequantized(qw: np.ndarray, qs: np.ndarray) -> np.ndarray:
     return (codes.astype(np.float64) - 7) * np.repeat(qs.astype(np.float64), 32, axis=0)
 
 
-@pytest.mark.parametrize("k,n,batch,x_dtype", [(64, 64, 1, "float16"), (256, 192, 2, "float32"), (3072, 768, 1, "float16")])
-def test_int16_gemv_is_within_the_int16_rounding_bound_of_the_exact_product(k, n, batch, x_dtype):
+CASES = [
+    # layout, K, N, batch, x dtype: the columns kernel ([K/8, N], q4f16_0) and the rows kernel ([N, K/8], q4f16_1)
+    ("columns", 64, 64, 1, "float16"),
+    ("columns", 256, 192, 2, "float32"),
+    ("columns", 3072, 768, 1, "float16"),
+    ("rows", 128, 8, 1, "float16"),
+    ("rows", 256, 196, 2, "float32"),
+    ("rows", 3072, 768, 1, "float16"),
+    ("rows", 12288, 64, 3, "float16"),
+]
+
+
+@pytest.mark.parametrize("layout,k,n,batch,x_dtype", CASES)
+def test_int16_gemv_is_within_the_int16_rounding_bound_of_the_exact_product(layout, k, n, batch, x_dtype):
     import tvm
 
     _needs_vnni()
     rng = np.random.default_rng(k + n)
     x = (rng.standard_normal((batch, 1, k)) * np.where(rng.random(k) < 0.05, 30.0, 1.0)).astype(x_dtype)  # a few outliers
-    qw = rng.integers(0, 2**32, (k // 8, n), dtype=np.uint32) & np.uint32(0xEEEEEEEE)  # codes 0..14, as MLC writes them
+    qw = rng.integers(0, 2**32, (k // 8, n), dtype=np.uint32)  # every code 0..15
     qs = (rng.random((k // 32, n)) * 0.02).astype(np.float16)
-    func = cpu_gemv.grouped_gemv_columns(k, n, 7, x_dtype, "float16").with_attr("global_symbol", "main")
-    ex = tvm.compile(tvm.IRModule({"main": func}), target=tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v4", "mattr": ["+avx512vnni"]}))
-    out = tvm.runtime.tensor(np.zeros((batch, 1, n), np.float32))
-    ex(*[tvm.runtime.tensor(a) for a in (x, qw, qs)], out)
     w = _dequantized(qw, qs)
+    if layout == "columns":
+        func, q_max, args = cpu_gemv.grouped_gemv_columns(k, n, 7, x_dtype, "float16"), cpu_gemv.Q_MAX, (x, qw, qs)
+    else:  # the same weight stored as MLC's _1 layout stores it
+        func, q_max, args = cpu_gemv.grouped_gemv_rows(k, n, 7, x_dtype, "float16"), cpu_gemv.SPLIT_MAX, (x, np.ascontiguousarray(qw.T), np.ascontiguousarray(qs.T))
+    ex = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v4", "mattr": ["+avx512vnni"]}))
+    out = tvm.runtime.tensor(np.zeros((batch, 1, n), np.float32))
+    ex(*[tvm.runtime.tensor(a) for a in args], out)
     xs = x.reshape(batch, k).astype(np.float64)
     exact = xs @ w
     group_max = np.repeat(np.abs(xs).reshape(batch, k // 32, 32).max(axis=2), 32, axis=1)
-    bound = (group_max / 65534) @ np.abs(w) + 1e-5 * (np.abs(xs) @ np.abs(w))
+    bound = (group_max / (2 * q_max)) @ np.abs(w) + 1e-5 * (np.abs(xs) @ np.abs(w))
     err = np.abs(out.numpy().reshape(batch, n) - exact)
     assert (err <= bound).all(), f"max excess {(err - bound).max()}"
     assert err.max() > 0  # int16 activations, not a float path
+
+
+def test_the_rows_kernel_applies_to_the_line_models_shapes_and_not_to_partial_chunks():
+    for k, n in [(3072, 9216), (3072, 3072), (3072, 12288), (12288, 3072), (3072, 51200), (768, 50432)]:
+        assert cpu_gemv.applies(4, 8, 32, k, n, transposed=False)
+    assert not cpu_gemv.applies(4, 8, 32, 64, 256, transposed=False)  # K not whole 128-code chunks: WordLanesGEMV
+    assert not cpu_gemv.applies(4, 8, 32, 256, 6, transposed=False)  # N not whole blocks of 4 rows
+    assert not cpu_gemv.applies(3, 10, 40, 3072, 3072, transposed=False)  # q3
 
 
 def test_plan_splits_k_so_two_threads_share_every_layer_evenly():
@@ -63,8 +87,9 @@ def test_plan_splits_k_so_two_threads_share_every_layer_evenly():
 
 
 def test_host_decode_uses_the_int16_gemv_only_where_the_target_has_vnni(tmp_path, tiny_model):
-    """The default host target adds +avx512vnni on a VNNI CPU, and q4f16_0 decode then calls the
-    kernel; an x86-64-v3 build (no AVX-512) keeps the float GroupedGEMV."""
+    """The default host target adds +avx512vnni on a VNNI CPU, and decode then calls the kernels: q4f16_0
+    (columns) for every matmul, q4f16_1 (rows) for those whose K is whole 128-code chunks (the tiny
+    model's 4h→h, K 256; hidden 64 keeps WordLanesGEMV). An x86-64-v3 build (no AVX-512) calls none."""
     import json
 
     from tvm import relax
@@ -72,16 +97,18 @@ def test_host_decode_uses_the_int16_gemv_only_where_the_target_has_vnni(tmp_path
     from neox_mlc.compile import export_module
     from neox_mlc.gen_config import load_templates, make_chat_config
 
-    cfg = tmp_path / "mlc-chat-config.json"
-    cfg.write_text(json.dumps(make_chat_config(tiny_model, "q4f16_0", "line_llm", load_templates()["line_llm"], 64)))
-
-    def decode_calls(host_cpu):
+    def decode_calls(quant, host_cpu):
+        cfg = tmp_path / f"{quant}-mlc-chat-config.json"
+        cfg.write_text(json.dumps(make_chat_config(tiny_model, quant, "line_llm", load_templates()["line_llm"], 64)))
         mod = export_module(cfg, "llvm", host_cpu=host_cpu)[0]
         names = []
         relax.analysis.post_order_visit(mod["decode"], lambda e: names.append(e.args[0].name_hint) if isinstance(e, relax.Call) and e.args and hasattr(e.args[0], "name_hint") else None)
         return [n for n in names if "NT_matmul" in n]
 
-    assert decode_calls("x86-64-v3") and not [n for n in decode_calls("x86-64-v3") if "int16" in n]
+    for quant in ("q4f16_0", "q4f16_1"):
+        assert decode_calls(quant, "x86-64-v3") and not [n for n in decode_calls(quant, "x86-64-v3") if "int16" in n]
     _needs_vnni()
     assert cpu_gemv.supported(make_target("llvm"))
-    assert len([n for n in decode_calls(None) if "int16" in n]) == 4 * 2 + 1  # qkv, dense, h→4h, 4h→h per layer, head
+    assert len([n for n in decode_calls("q4f16_0", None) if "int16" in n]) == 4 * 2 + 1  # qkv, dense, h→4h, 4h→h per layer, head
+    rows = decode_calls("q4f16_1", None)
+    assert len([n for n in rows if "int16" in n]) == 2 and len(rows) == 4 * 2 + 1  # 4h→h per layer; the rest float
