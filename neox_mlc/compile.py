@@ -71,7 +71,7 @@ def default_host_features() -> list[str]:
     """LLVM features added to :func:`default_host_cpu`'s level: ``+avx512vnni`` where this AVX-512 host has it.
 
     Why: x86-64-v4 leaves VNNI out, and ``neox_mlc/cpu_gemv.py``'s decode GEMVs need it (3.6 B shape
-    q4f16_0 decode, see that module). An explicit ``--host-cpu`` gets its CPU's own features only.
+    q4f16_0 and q4f16_1 decode, see that module). An explicit ``--host-cpu`` gets its CPU's own features only.
     """
     return ["+avx512vnni"] if default_host_cpu() == "x86-64-v4" and "avx512_vnni" in _cpu_flags() else []
 
@@ -299,9 +299,11 @@ def export_module(
     quant = get_quantization(cfg["quantization"])
     target = schedule_target(make_target(device, host_cpu, cuda), cuda)
     host = target.kind.name == "llvm"
-    from neox_mlc import cpu_gemv
+    from neox_mlc import cpu_gemm, cpu_gemv
 
-    neox = NeoXConfig.from_chat_config(cfg, dequantize_rows=host, polynomial_erf=host, int16_dot=host and cpu_gemv.supported(target))
+    neox = NeoXConfig.from_chat_config(
+        cfg, dequantize_rows=host, polynomial_erf=host, int16_dot=host and cpu_gemv.supported(target), host_matmul=host and cpu_gemm.supported(target)
+    )
     model = GPTNeoXForCausalLM(neox, quant, target)
     mod, params = model.export_tvm(spec=model.get_default_spec())
     mod = add_kv_cache_creation(mod, model)

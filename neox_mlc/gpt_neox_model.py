@@ -30,7 +30,7 @@ from tvm.relax.frontend.nn import Tensor, op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
 from tvm.target import Target
 
-from neox_mlc import cpu_gemv
+from neox_mlc import cpu_gemm, cpu_gemv
 from neox_mlc.neox_config import NeoXConfig
 from neox_mlc.quantization import Quantization
 
@@ -216,6 +216,12 @@ def _int16_gemv(x: Tensor, q_weight: Tensor, q_scale: Tensor, quant: Quantizatio
     return op.tensor_ir_op(func, "dequantize_NT_matmul_int16", [x, q_weight, q_scale], Tensor.placeholder((x.shape[0], 1, n), "float32"))
 
 
+def _host_matmul(x: Tensor, w: Tensor, n: int, k: int) -> Tensor:
+    """``NT_matmul`` of several tokens by a float ``[N, K]`` weight on the host: ``cpu_gemm``'s register-tiled kernel (float32)."""
+    func = cpu_gemm.matmul_nt(k, n, x.dtype, w.dtype)
+    return op.tensor_ir_op(func, "NT_matmul_tiled", [x, w], Tensor.placeholder((x.shape[0], x.shape[1], n), "float32"))
+
+
 def _as_stored(ws: list[te.Tensor], i: Any, j: Any) -> tirx.PrimExpr:
     """``W[i, j]`` of a weight that is stored plainly ``[N, K]``."""
     return ws[0][i, j]
@@ -234,14 +240,20 @@ def _one_token_per_sequence(x: Tensor) -> bool:
 class Linear(nn.Module):
     """An unquantized linear layer (``weight [N, K]``, optional ``bias``), as MLC names it."""
 
-    def __init__(self, in_features: int, out_features: int, dtype: str, bias: bool, bias_dtype: str | None, out_dtype: str | None) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, dtype: str, bias: bool, bias_dtype: str | None, out_dtype: str | None, host_matmul: bool
+    ) -> None:
         self.in_features, self.out_features = in_features, out_features
         self.out_dtype = out_dtype or dtype
+        self.host_matmul = host_matmul and cpu_gemm.applies(in_features, out_features)
         self.weight = nn.Parameter((out_features, in_features), dtype)
         self.bias = nn.Parameter((out_features,), bias_dtype or dtype) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
-        y = _nt_matmul(x, [self.weight], _as_stored, self.out_features, self.in_features, "NT_matmul")
+        if self.host_matmul and not _one_token_per_sequence(x):
+            y = _host_matmul(x, self.weight, self.out_features, self.in_features)
+        else:
+            y = _nt_matmul(x, [self.weight], _as_stored, self.out_features, self.in_features, "NT_matmul")
         return _finish(y, self.out_dtype, self.bias)
 
 
@@ -265,11 +277,13 @@ class QLinear(nn.Module):
         out_dtype: str | None,
         dequantize_rows: bool,
         int16_dot: bool,
+        host_matmul: bool,
     ) -> None:
         self.in_features, self.out_features, self.quant = in_features, out_features, quant
         self.out_dtype = out_dtype or quant.model_dtype
         self.dequantize_rows = dequantize_rows
         self.transposed = quant.layout_transposed(embedding=False)
+        self.host_matmul = host_matmul and cpu_gemm.applies(in_features, out_features)
         self.int16_dot = int16_dot and cpu_gemv.applies(quant.bits, quant.elems_per_word, quant.group_size, in_features, out_features, self.transposed)
         kp = quant.padded_k(in_features)
         words, groups = kp // quant.elems_per_word, kp // quant.group_size
@@ -285,7 +299,7 @@ class QLinear(nn.Module):
         n, k, quant = self.out_features, self.in_features, self.quant
         if self.dequantize_rows and not _one_token_per_sequence(x):
             w = _dequantize(self.q_weight, self.q_scale, quant, k, self.transposed, quant.model_dtype)
-            y = _nt_matmul(x, [w], _as_stored, n, k, "NT_matmul")
+            y = _host_matmul(x, w, n, k) if self.host_matmul else _nt_matmul(x, [w], _as_stored, n, k, "NT_matmul")
         elif self.int16_dot and _one_token_per_sequence(x):
             y = _int16_gemv(x, self.q_weight, self.q_scale, quant, n, k, self.transposed)
         elif self.dequantize_rows and self.transposed and k % quant.group_size == 0 and quant.group_size % quant.elems_per_word == 0:
@@ -318,8 +332,8 @@ class QEmbedding(nn.Module):
 
 def _linear(cfg: NeoXConfig, quant: Quantization, k: int, n: int, bias: bool = True, out_dtype: str | None = None) -> nn.Module:
     if quant.kind == "group-quant":
-        return QLinear(k, n, quant, bias, out_dtype, out_dtype, cfg.dequantize_rows, cfg.int16_dot)
-    return Linear(k, n, quant.model_dtype, bias, out_dtype, out_dtype)
+        return QLinear(k, n, quant, bias, out_dtype, out_dtype, cfg.dequantize_rows, cfg.int16_dot, cfg.host_matmul)
+    return Linear(k, n, quant.model_dtype, bias, out_dtype, out_dtype, cfg.host_matmul)
 
 
 class Attention(nn.Module):

@@ -42,6 +42,7 @@ class NeoXConfig:
     dequantize_rows: bool = field(default=False, metadata={"compile_only": True})
     polynomial_erf: bool = field(default=False, metadata={"compile_only": True})
     int16_dot: bool = field(default=False, metadata={"compile_only": True})  # neox_mlc/cpu_gemv.py's decode GEMVs
+    host_matmul: bool = field(default=False, metadata={"compile_only": True})  # neox_mlc/cpu_gemm.py's prefill matmul
 
     def to_dict(self) -> dict[str, Any]:
         """The ``model_config`` object MLC writes (compile-only options left out)."""
@@ -49,11 +50,11 @@ class NeoXConfig:
 
     @classmethod
     def from_chat_config(
-        cls, cfg: dict[str, Any], dequantize_rows: bool = False, polynomial_erf: bool = False, int16_dot: bool = False
+        cls, cfg: dict[str, Any], dequantize_rows: bool = False, polynomial_erf: bool = False, int16_dot: bool = False, host_matmul: bool = False
     ) -> NeoXConfig:
         """The config a chat config was written with (older configs may lack the defaulted keys)."""
         known = {f.name for f in dataclasses.fields(cls) if not f.metadata.get("compile_only")}
-        return cls(**{k: v for k, v in cfg["model_config"].items() if k in known}, dequantize_rows=dequantize_rows, polynomial_erf=polynomial_erf, int16_dot=int16_dot)
+        return cls(**{k: v for k, v in cfg["model_config"].items() if k in known}, dequantize_rows=dequantize_rows, polynomial_erf=polynomial_erf, int16_dot=int16_dot, host_matmul=host_matmul)
 
 
 def check_context_window(n: int, max_position_embeddings: int) -> None:

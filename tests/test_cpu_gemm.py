@@ -1,0 +1,75 @@
+"""The host library's register-tiled prefill matmul (neox_mlc/cpu_gemm.py) against numpy, and where the model uses it."""
+
+import numpy as np
+import pytest
+
+from neox_mlc import cpu_gemm
+from neox_mlc.compile import make_target
+
+
+def _needs_avx512():
+    """Skip where this CPU (``/proc/cpuinfo``) lacks AVX-512: the default target then keeps ``cpu_schedule.Matmul``."""
+    from pathlib import Path
+
+    flags = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
+    if "avx512f" not in flags:
+        pytest.skip("this CPU has no AVX-512")
+
+
+@pytest.mark.parametrize(
+    "k,n,batch,seq,dtype",
+    [
+        (64, 64, 1, 7, "float16"),  # 7 tokens: one tile of 4 and 3 left over
+        (3072, 128, 1, 8, "float16"),  # one K block
+        (6144, 64, 2, 5, "float32"),  # two K blocks, two sequences, q0f32 / q4f32 weights
+        (768, 192, 1, 1, "float16"),  # a single token (the output head of a one-token prefill)
+    ],
+)
+def test_tiled_matmul_equals_the_float64_product(k, n, batch, seq, dtype):
+    import tvm
+
+    _needs_avx512()
+    rng = np.random.default_rng(k + n + seq)
+    x = rng.standard_normal((batch, seq, k)).astype(dtype)
+    w = (rng.standard_normal((n, k)) * 0.05).astype(dtype)
+    func = cpu_gemm.matmul_nt(k, n, dtype, dtype).with_attr("global_symbol", "main")
+    ex = tvm.compile(tvm.IRModule({"main": func}), target=tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v4"}))
+    out = tvm.runtime.tensor(np.full((batch, seq, n), np.nan, np.float32))  # every output must be written
+    ex(tvm.runtime.tensor(x), tvm.runtime.tensor(w), out)
+    exact = x.reshape(batch * seq, k).astype(np.float64) @ w.astype(np.float64).T
+    bound = 1e-6 * (np.abs(x.reshape(batch * seq, k)).astype(np.float64) @ np.abs(w.astype(np.float64)).T) + 1e-6
+    err = np.abs(out.numpy().reshape(batch * seq, n) - exact)
+    assert (err <= bound).all(), f"max excess {(err - bound).max()}"
+
+
+def test_k_blocks_and_task_rows():
+    assert cpu_gemm.k_block(3072) == 3072 and cpu_gemm.k_block(12288) == 3072 and cpu_gemm.k_block(768) == 768 and cpu_gemm.k_block(64) == 64
+    assert cpu_gemm.applies(3072, 9216) and cpu_gemm.applies(12288, 3072) and cpu_gemm.applies(768, 50432) and cpu_gemm.applies(64, 192)
+    assert not cpu_gemm.applies(3072, 100) and not cpu_gemm.applies(40, 64)
+
+
+@pytest.mark.parametrize("quant", ["q0f16", "q4f16_1"])
+def test_host_prefill_uses_the_tiled_matmul_only_with_avx512(tmp_path, tiny_model, quant):
+    """The default host target (x86-64-v4 on an AVX-512 CPU) runs every multi-token prefill matmul of
+    the tiny model through cpu_gemm; an x86-64-v3 build keeps cpu_schedule.Matmul."""
+    import json
+
+    from tvm import relax
+
+    from neox_mlc.compile import export_module
+    from neox_mlc.gen_config import load_templates, make_chat_config
+
+    cfg = tmp_path / "mlc-chat-config.json"
+    cfg.write_text(json.dumps(make_chat_config(tiny_model, quant, "line_llm", load_templates()["line_llm"], 64)))
+
+    def prefill_calls(host_cpu):
+        mod = export_module(cfg, "llvm", host_cpu=host_cpu)[0]
+        names = []
+        relax.analysis.post_order_visit(mod["prefill"], lambda e: names.append(e.args[0].name_hint) if isinstance(e, relax.Call) and e.args and hasattr(e.args[0], "name_hint") else None)
+        return [n for n in names if "matmul" in n.lower()]
+
+    assert prefill_calls("x86-64-v3") and not [n for n in prefill_calls("x86-64-v3") if "tiled" in n]
+    _needs_avx512()
+    assert cpu_gemm.supported(make_target("llvm"))
+    tiled = [n for n in prefill_calls(None) if "tiled" in n]
+    assert len(tiled) == 4 * 2, prefill_calls(None)  # qkv, dense, h→4h, 4h→h per layer (the head sees one token a sequence)
