@@ -2,18 +2,10 @@
 
 import numpy as np
 import pytest
+from cpu_flags import needs_avx512
 
 from neox_mlc import cpu_gemm
 from neox_mlc.compile import make_target
-
-
-def _needs_avx512():
-    """Skip where this CPU (``/proc/cpuinfo``) lacks AVX-512: the default target then keeps ``cpu_schedule.Matmul``."""
-    from pathlib import Path
-
-    flags = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
-    if "avx512f" not in flags:
-        pytest.skip("this CPU has no AVX-512")
 
 
 @pytest.mark.parametrize(
@@ -28,7 +20,7 @@ def _needs_avx512():
 def test_tiled_matmul_equals_the_float64_product(k, n, batch, seq, dtype):
     import tvm
 
-    _needs_avx512()
+    needs_avx512()
     rng = np.random.default_rng(k + n + seq)
     x = rng.standard_normal((batch, seq, k)).astype(dtype)
     w = (rng.standard_normal((n, k)) * 0.05).astype(dtype)
@@ -69,7 +61,7 @@ def test_host_prefill_uses_the_tiled_matmul_only_with_avx512(tmp_path, tiny_mode
         return [n for n in names if "matmul" in n.lower()]
 
     assert prefill_calls("x86-64-v3") and not [n for n in prefill_calls("x86-64-v3") if "tiled" in n]
-    _needs_avx512()
+    needs_avx512()
     assert cpu_gemm.supported(make_target("llvm"))
     tiled = [n for n in prefill_calls(None) if "tiled" in n]
     assert len(tiled) == 4 * 2, prefill_calls(None)  # qkv, dense, h→4h, 4h→h per layer (the head sees one token a sequence)

@@ -8,18 +8,10 @@ float32 rounding), which a wrong lane, pair or group — or int8 activations —
 
 import numpy as np
 import pytest
+from cpu_flags import needs_vnni
 
 from neox_mlc import cpu_gemv
 from neox_mlc.compile import make_target
-
-
-def _needs_vnni():
-    """Skip where this CPU (``/proc/cpuinfo``, not the target the code under test makes) lacks AVX-512 BW + VNNI."""
-    from pathlib import Path
-
-    flags = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
-    if not {"avx512bw", "avx512_vnni"} <= flags:
-        pytest.skip("this CPU has no AVX-512 VNNI: the host library keeps its float kernels")
 
 
 def _dequantized(qw: np.ndarray, qs: np.ndarray) -> np.ndarray:
@@ -45,7 +37,7 @@ CASES = [
 def test_int16_gemv_is_within_the_int16_rounding_bound_of_the_exact_product(layout, k, n, batch, x_dtype):
     import tvm
 
-    _needs_vnni()
+    needs_vnni()
     rng = np.random.default_rng(k + n)
     x = (rng.standard_normal((batch, 1, k)) * np.where(rng.random(k) < 0.05, 30.0, 1.0)).astype(x_dtype)  # a few outliers
     qw = rng.integers(0, 2**32, (k // 8, n), dtype=np.uint32)  # every code 0..15
@@ -107,7 +99,7 @@ def test_host_decode_uses_the_int16_gemv_only_where_the_target_has_vnni(tmp_path
 
     for quant in ("q4f16_0", "q4f16_1"):
         assert decode_calls(quant, "x86-64-v3") and not [n for n in decode_calls(quant, "x86-64-v3") if "int16" in n]
-    _needs_vnni()
+    needs_vnni()
     assert cpu_gemv.supported(make_target("llvm"))
     assert len([n for n in decode_calls("q4f16_0", None) if "int16" in n]) == 4 * 2 + 1  # qkv, dense, h→4h, 4h→h per layer, head
     rows = decode_calls("q4f16_1", None)
