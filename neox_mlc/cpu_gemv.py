@@ -48,7 +48,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from tvm import tirx
+from tvm import DataType, tirx
 from tvm.script import tirx as T
 
 GROUP = 32  # elements per activation group: the weights' quantization group
@@ -236,6 +236,7 @@ def grouped_gemv_rows(k: int, n: int, max_int: int, x_dtype: str, scale_dtype: s
     per_group = GROUP // WORD_ELEMS  # words of a group (= lanes of a group in a register)
     chunk_groups = CHUNK_WORDS // per_group
     nibbles = 0x0F0F0F0F
+    scales_per_line = CACHE_LINE * 8 // DataType(scale_dtype).bits  # the next block's scales are prefetched a line a chunk
     # two rounds of unpack-and-add within each 128-bit quarter (one group): lanes (word, row) → (group, row)
     quarters = range(LANES // 4)
     lo32 = [4 * q + i for q in quarters for i in (0, LANES, 1, LANES + 1)]
@@ -295,12 +296,12 @@ def grouped_gemv_rows(k: int, n: int, max_int: int, x_dtype: str, scale_dtype: s
                     if blk + 1 < blocks:  # the next block's words and scales, into L2
                         for r in T.unroll(ROWS):
                             T.evaluate(T.call_intrin("void", "tirx.prefetch", T.address_of(q_weight[(blk + 1) * ROWS + r, c * CHUNK_WORDS]), 0, PREFETCH_LOCALITY, 1))
-                        if c * (CACHE_LINE // 2) < ROWS * groups:
+                        if c * scales_per_line < ROWS * groups:
                             T.evaluate(
                                 T.call_intrin(
                                     "void",
                                     "tirx.prefetch",
-                                    T.address_of(q_scale[(blk + 1) * ROWS + c * (CACHE_LINE // 2) // groups, c * (CACHE_LINE // 2) % groups]),
+                                    T.address_of(q_scale[(blk + 1) * ROWS + c * scales_per_line // groups, c * scales_per_line % groups]),
                                     0,
                                     PREFETCH_LOCALITY,
                                     1,
