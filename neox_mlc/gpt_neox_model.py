@@ -222,6 +222,12 @@ def _host_matmul(x: Tensor, w: Tensor, n: int, k: int) -> Tensor:
     return op.tensor_ir_op(func, "NT_matmul_tiled", [x, w], Tensor.placeholder((x.shape[0], x.shape[1], n), "float32"))
 
 
+def _host_gemv(x: Tensor, w: Tensor, n: int, k: int) -> Tensor:
+    """``NT_matmul`` of one token per sequence by a float ``[N, K]`` weight with long rows: ``cpu_gemm.gemv_nt`` (float32)."""
+    func = cpu_gemm.gemv_nt(k, n, x.dtype, w.dtype)
+    return op.tensor_ir_op(func, "NT_matmul_rows", [x, w], Tensor.placeholder((x.shape[0], 1, n), "float32"))
+
+
 def _as_stored(ws: list[te.Tensor], i: Any, j: Any) -> tirx.PrimExpr:
     """``W[i, j]`` of a weight that is stored plainly ``[N, K]``."""
     return ws[0][i, j]
@@ -246,12 +252,15 @@ class Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.out_dtype = out_dtype or dtype
         self.host_matmul = host_matmul and cpu_gemm.applies(in_features, out_features)
+        self.host_gemv = host_matmul and cpu_gemm.gemv_applies(in_features, out_features, dtype, dtype)
         self.weight = nn.Parameter((out_features, in_features), dtype)
         self.bias = nn.Parameter((out_features,), bias_dtype or dtype) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
         if self.host_matmul and not _one_token_per_sequence(x):
             y = _host_matmul(x, self.weight, self.out_features, self.in_features)
+        elif self.host_gemv and _one_token_per_sequence(x):
+            y = _host_gemv(x, self.weight, self.out_features, self.in_features)
         else:
             y = _nt_matmul(x, [self.weight], _as_stored, self.out_features, self.in_features, "NT_matmul")
         return _finish(y, self.out_dtype, self.bias)

@@ -42,7 +42,7 @@ class NeoXConfig:
     dequantize_rows: bool = field(default=False, metadata={"compile_only": True})
     polynomial_erf: bool = field(default=False, metadata={"compile_only": True})
     int16_dot: bool = field(default=False, metadata={"compile_only": True})  # neox_mlc/cpu_gemv.py's decode GEMVs
-    host_matmul: bool = field(default=False, metadata={"compile_only": True})  # neox_mlc/cpu_gemm.py's prefill matmul
+    host_matmul: bool = field(default=False, metadata={"compile_only": True})  # neox_mlc/cpu_gemm.py's float-weight kernels (prefill; long-row decode)
 
     def to_dict(self) -> dict[str, Any]:
         """The ``model_config`` object MLC writes (compile-only options left out)."""

@@ -116,6 +116,60 @@ def variant_model(tmp_path_factory, fixtures_dir):
     return out
 
 
+@pytest.fixture(scope="module")
+def long_row_model(tmp_path_factory, fixtures_dir):
+    """A GPT-NeoX whose MLP down has rows of K 8192 (the 3.6 B model's is 12288): long enough that ``x``
+    and one weight row no longer share L1, so host decode runs ``cpu_gemm.gemv_nt`` for it."""
+    import shutil
+
+    import torch
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(11)
+    cfg = GPTNeoXConfig(vocab_size=1024, hidden_size=64, num_attention_heads=4, num_hidden_layers=2, intermediate_size=8192,
+                        max_position_embeddings=256, initializer_range=0.05)
+    out = tmp_path_factory.mktemp("long-rows") / "model"
+    GPTNeoXForCausalLM(cfg).save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy2(fixtures_dir / "model" / name, out / name)
+    return out
+
+
+def test_long_row_decode_runs_the_row_gemv_and_matches_transformers(long_row_model, tmp_path, compiled):
+    quant = "q0f16"
+    from cpu_flags import needs_avx512
+    from tvm import relax
+
+    from neox_mlc import cpu_gemm
+    from neox_mlc.compile import export_module
+    from neox_mlc.runtime import ModelRuntime
+
+    convert(long_row_model, quant, tmp_path / "params")
+    cfg = tmp_path / "mlc-chat-config.json"
+    cfg.write_text(json.dumps(make_chat_config(long_row_model, quant, "line_llm", load_templates()["line_llm"], CONTEXT)))
+
+    def decode_calls(host_cpu):
+        names = []
+        relax.analysis.post_order_visit(
+            export_module(cfg, "llvm", host_cpu=host_cpu)[0]["decode"],
+            lambda e: names.append(e.args[0].name_hint) if isinstance(e, relax.Call) and e.args and hasattr(e.args[0], "name_hint") else None,
+        )
+        return [n for n in names if "NT_matmul" in n]
+
+    assert decode_calls("x86-64-v3") and not [n for n in decode_calls("x86-64-v3") if "rows" in n]
+    needs_avx512()
+    assert cpu_gemm.supported(make_target("llvm"))
+    assert [n for n in decode_calls(None) if "rows" in n] == ["NT_matmul_rows"] * 2  # 4h→h of each layer; K 64 rows stay on cpu_schedule.GEMV
+    rt = ModelRuntime(compiled(cfg), tmp_path / "params", cfg)
+    ids = list(range(3, 43))
+    ref = hf_logits(load_hf_model(long_row_model), ids)  # q0f16 against the float32 checkpoint
+    rt.prefill(ids[:-1])
+    stepped = rt.decode(ids[-1])
+    assert np.abs(stepped - ref[-1]).max() < TOL[quant]
+    rt.reset()
+    assert np.abs(stepped - rt.prefill(ids)).max() < 5e-3  # prefill runs cpu_gemm.matmul_nt
+
+
 @pytest.mark.parametrize("quant", ["q0f32", "q4f16_0"])
 def test_variant_architecture_matches_transformers(quant, variant_model, tmp_path, compiled):
     from neox_mlc.hf_checkpoint import TensorIndex

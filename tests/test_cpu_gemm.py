@@ -1,4 +1,4 @@
-"""The host library's register-tiled prefill matmul (neox_mlc/cpu_gemm.py) against numpy, and where the model uses it."""
+"""The host library's float-weight kernels (neox_mlc/cpu_gemm.py: prefill matmul, long-row GEMV) against numpy, and where the model uses them."""
 
 import numpy as np
 import pytest
@@ -32,6 +32,38 @@ def test_tiled_matmul_equals_the_float64_product(k, n, batch, seq, dtype):
     bound = 1e-6 * (np.abs(x.reshape(batch * seq, k)).astype(np.float64) @ np.abs(w.astype(np.float64)).T) + 1e-6
     err = np.abs(out.numpy().reshape(batch * seq, n) - exact)
     assert (err <= bound).all(), f"max excess {(err - bound).max()}"
+
+
+@pytest.mark.parametrize(
+    "k,n,batch,dtype",
+    [
+        (8192, 64, 1, "float16"),  # the shortest float16 rows it serves
+        (12288, 24, 2, "float16"),  # the 3.6 B model's MLP down rows, two sequences
+        (4096, 16, 3, "float32"),  # q0f32: float32 rows are long from K 4096
+    ],
+)
+def test_row_gemv_equals_the_float64_product(k, n, batch, dtype):
+    import tvm
+
+    needs_avx512()
+    rng = np.random.default_rng(k + n)
+    x = rng.standard_normal((batch, 1, k)).astype(dtype)
+    w = (rng.standard_normal((n, k)) * 0.05).astype(dtype)
+    func = cpu_gemm.gemv_nt(k, n, dtype, dtype).with_attr("global_symbol", "main")
+    ex = tvm.compile(tvm.IRModule({"main": func}), target=tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v4"}))
+    out = tvm.runtime.tensor(np.full((batch, 1, n), np.nan, np.float32))  # every output must be written
+    ex(tvm.runtime.tensor(x), tvm.runtime.tensor(w), out)
+    exact = x.reshape(batch, k).astype(np.float64) @ w.astype(np.float64).T
+    bound = 1e-6 * (np.abs(x.reshape(batch, k)).astype(np.float64) @ np.abs(w.astype(np.float64)).T) + 1e-6
+    err = np.abs(out.numpy().reshape(batch, n) - exact)
+    assert (err <= bound).all(), f"max excess {(err - bound).max()}"
+
+
+def test_row_gemv_serves_rows_that_crowd_l1_with_x():
+    assert cpu_gemm.gemv_applies(12288, 3072, "float16", "float16") and cpu_gemm.gemv_applies(8192, 64, "float16", "float16")
+    assert not cpu_gemm.gemv_applies(6144, 3072, "float16", "float16")  # 24 KiB: x stays in L1 (32 GB/s a thread as it is)
+    assert not cpu_gemm.gemv_applies(3072, 12288, "float32", "float32") and cpu_gemm.gemv_applies(4096, 12288, "float32", "float32")
+    assert not cpu_gemm.gemv_applies(12288, 3076, "float16", "float16") and not cpu_gemm.gemv_applies(12300, 3072, "float16", "float16")
 
 
 def test_k_blocks_and_task_rows():
