@@ -29,7 +29,8 @@ CASES = [
     ("rows", 128, 8, 1, "float16"),
     ("rows", 256, 196, 2, "float32"),
     ("rows", 3072, 768, 1, "float16"),
-    ("rows", 12288, 64, 3, "float16"),
+    ("rows", 12288, 64, 3, "float16"),  # long rows: two sets of 4 rows a task (row_sets)
+    ("rows", 12288, 12, 1, "float16"),  # long rows, N not a multiple of 8: one set
 ]
 
 
