@@ -46,9 +46,10 @@ from tvm import tirx
 from tvm.relax.frontend.nn.llm._kernel_common import _declare_length_info, _get_kv_chunk_len, _get_seq_offset, _rope
 from tvm.script import tirx as T
 
+from neox_mlc.cpu_schedule import CACHE_LINE
+
 LOG2E = math.log2(math.exp(1))
 M_INIT = -5e4  # TVM's initial running maximum
-CACHE_LINE = 64  # bytes
 AHEAD = 1  # chunks located and prefetched ahead of the one computed (2 and 4 measured no faster)
 RING = AHEAD + 1  # chunks of KV row numbers kept
 

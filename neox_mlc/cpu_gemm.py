@@ -40,6 +40,8 @@ from typing import Any
 from tvm import DataType, tirx
 from tvm.script import tirx as T
 
+from neox_mlc.cpu_schedule import CACHE_LINE, L1_BYTES, PREFETCH_LOCALITY
+
 LANES = 16  # float32 lanes of an AVX-512 register (partial sums along K)
 TOKENS = 4  # tokens of a register tile
 ROWS = 4  # weight rows of a register tile (TOKENS × ROWS = 16 registers of sums)
@@ -47,9 +49,6 @@ BLOCK_ROWS = 64  # weight rows a task owns (6 × 4 and 4 × 6 tiles, 96 and 128 
 K_BLOCK = 3072  # longest reduction run at once: a task's rows stay in L2 (1536: 5 % slower at K 3072)
 GEMV_ROWS = 8  # gemv_nt: rows a task runs side by side, 2 registers of sums each (K 12288 × N 3072, one thread: 4, 8, 16 rows 24.8, 27.1, 19.3 GB/s)
 GEMV_CHUNK = 32  # gemv_nt: elements of a row per step (one 64-byte line of float16)
-L1_BYTES = 32 * 1024  # L1 data cache of one core (Zen 4, most x86 cores since Skylake: 32–48 KiB)
-CACHE_LINE = 64  # bytes
-PREFETCH_LOCALITY = 2  # gemv_nt prefetches into L2 (one thread, no prefetch: 21.9 GB/s; into L1: 17.8)
 
 
 def supported(target: Any) -> bool:

@@ -51,6 +51,8 @@ from typing import Any
 from tvm import DataType, tirx
 from tvm.script import tirx as T
 
+from neox_mlc.cpu_schedule import CACHE_LINE, L1_BYTES, PREFETCH_LOCALITY
+
 GROUP = 32  # elements per activation group: the weights' quantization group
 WORD_ELEMS = 8  # 4-bit codes per uint32 word
 Q_MAX = 32767  # int16 activations: round(x / (max|x| / Q_MAX))
@@ -58,19 +60,16 @@ OUT_BLOCK = 64  # outputs whose int32 group sums stay in registers: 4 AVX-512 re
 LANES = 16  # int32 lanes of an AVX-512 register
 PANEL_MAX = 4096  # widest panel of outputs a task sweeps (its partial row: 16 KiB of float32)
 TASKS = 16  # at least this many parallel tasks where the K split allows (enough for 16 threads)
-CACHE_LINE = 64  # bytes
 PREFETCH = True  # the next group's word rows, one panel sweep ahead (3.6 B decode, 2 threads, A/B: 9.9–12.6 → 11.0–12.2 tok/s, within noise)
 VNNI = "llvm.x86.avx512.vpdpwssd.512"
 BYTE_DOT = "llvm.x86.avx512.vpdpbusd.512"  # u8 × s8, four products a lane
 SPLIT_MAX = 127 * 256 + 127  # rows kernel: int16 activations whose high byte stays an int8 once the low byte is taken signed
 ROWS = 4  # rows kernel: output rows reduced together (one register of 4 groups × 4 rows)
 CHUNK_WORDS = LANES  # rows kernel: words of a row per vector load (128 codes, 4 groups)
-PREFETCH_LOCALITY = 2  # into L2: into L1 (3) the words displaced x's (rows kernel streaming 9.3 → 16.2 GB/s a thread; 3.6 B q4f16_0 decode, one thread, 7.0 → 9.3 tok/s)
 FEATURES = ("avx512bw", "avx512vnni")
 # rows kernel, long rows: x's prepared data is 3 bytes a weight of K (4 bytes of int8 parts, a zero
 # term and a scale per 8 codes); from L1_BYTES on (K 12288: 36 KiB) ROW_SETS × ROWS rows share each load of it
 X_BYTES_PER_ELEM = 3
-L1_BYTES = 32 * 1024
 ROW_SETS = 2
 
 
