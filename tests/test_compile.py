@@ -136,25 +136,19 @@ def long_row_model(tmp_path_factory, fixtures_dir):
 
 
 def test_long_row_decode_runs_the_row_gemv_and_matches_transformers(long_row_model, tmp_path, compiled):
-    quant = "q0f16"
     from cpu_flags import needs_avx512
-    from tvm import relax
+    from host_calls import called_kernels
 
     from neox_mlc import cpu_gemm
-    from neox_mlc.compile import export_module
     from neox_mlc.runtime import ModelRuntime
 
+    quant = "q0f16"
     convert(long_row_model, quant, tmp_path / "params")
     cfg = tmp_path / "mlc-chat-config.json"
     cfg.write_text(json.dumps(make_chat_config(long_row_model, quant, "line_llm", load_templates()["line_llm"], CONTEXT)))
 
     def decode_calls(host_cpu):
-        names = []
-        relax.analysis.post_order_visit(
-            export_module(cfg, "llvm", host_cpu=host_cpu)[0]["decode"],
-            lambda e: names.append(e.args[0].name_hint) if isinstance(e, relax.Call) and e.args and hasattr(e.args[0], "name_hint") else None,
-        )
-        return [n for n in names if "NT_matmul" in n]
+        return [n for n in called_kernels(cfg, "decode", host_cpu) if "NT_matmul" in n]
 
     assert decode_calls("x86-64-v3") and not [n for n in decode_calls("x86-64-v3") if "rows" in n]
     needs_avx512()

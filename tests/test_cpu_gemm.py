@@ -8,6 +8,21 @@ from neox_mlc import cpu_gemm
 from neox_mlc.compile import make_target
 
 
+def _assert_equals_float64_product(func, x, w):
+    """``func`` (x ``[B, S, K]``, w ``[N, K]`` → float32 ``[B, S, N]``) built for x86-64-v4: every output
+    written (the buffer starts as NaN) and within 1e-6 of the float64 product's absolute sum."""
+    import tvm
+
+    (batch, seq, k), n = x.shape, w.shape[0]
+    ex = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v4"}))
+    out = tvm.runtime.tensor(np.full((batch, seq, n), np.nan, np.float32))
+    ex(tvm.runtime.tensor(x), tvm.runtime.tensor(w), out)
+    rows, weights = x.reshape(batch * seq, k).astype(np.float64), w.astype(np.float64)
+    bound = 1e-6 * (np.abs(rows) @ np.abs(weights).T) + 1e-6
+    err = np.abs(out.numpy().reshape(batch * seq, n) - rows @ weights.T)
+    assert (err <= bound).all(), f"max excess {(err - bound).max()}"
+
+
 @pytest.mark.parametrize(
     "k,n,batch,seq,dtype",
     [
@@ -18,20 +33,11 @@ from neox_mlc.compile import make_target
     ],
 )
 def test_tiled_matmul_equals_the_float64_product(k, n, batch, seq, dtype):
-    import tvm
-
     needs_avx512()
     rng = np.random.default_rng(k + n + seq)
     x = rng.standard_normal((batch, seq, k)).astype(dtype)
     w = (rng.standard_normal((n, k)) * 0.05).astype(dtype)
-    func = cpu_gemm.matmul_nt(k, n, dtype, dtype).with_attr("global_symbol", "main")
-    ex = tvm.compile(tvm.IRModule({"main": func}), target=tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v4"}))
-    out = tvm.runtime.tensor(np.full((batch, seq, n), np.nan, np.float32))  # every output must be written
-    ex(tvm.runtime.tensor(x), tvm.runtime.tensor(w), out)
-    exact = x.reshape(batch * seq, k).astype(np.float64) @ w.astype(np.float64).T
-    bound = 1e-6 * (np.abs(x.reshape(batch * seq, k)).astype(np.float64) @ np.abs(w.astype(np.float64)).T) + 1e-6
-    err = np.abs(out.numpy().reshape(batch * seq, n) - exact)
-    assert (err <= bound).all(), f"max excess {(err - bound).max()}"
+    _assert_equals_float64_product(cpu_gemm.matmul_nt(k, n, dtype, dtype), x, w)
 
 
 @pytest.mark.parametrize(
@@ -43,20 +49,11 @@ def test_tiled_matmul_equals_the_float64_product(k, n, batch, seq, dtype):
     ],
 )
 def test_row_gemv_equals_the_float64_product(k, n, batch, dtype):
-    import tvm
-
     needs_avx512()
     rng = np.random.default_rng(k + n)
     x = rng.standard_normal((batch, 1, k)).astype(dtype)
     w = (rng.standard_normal((n, k)) * 0.05).astype(dtype)
-    func = cpu_gemm.gemv_nt(k, n, dtype, dtype).with_attr("global_symbol", "main")
-    ex = tvm.compile(tvm.IRModule({"main": func}), target=tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v4"}))
-    out = tvm.runtime.tensor(np.full((batch, 1, n), np.nan, np.float32))  # every output must be written
-    ex(tvm.runtime.tensor(x), tvm.runtime.tensor(w), out)
-    exact = x.reshape(batch, k).astype(np.float64) @ w.astype(np.float64).T
-    bound = 1e-6 * (np.abs(x.reshape(batch, k)).astype(np.float64) @ np.abs(w.astype(np.float64)).T) + 1e-6
-    err = np.abs(out.numpy().reshape(batch, n) - exact)
-    assert (err <= bound).all(), f"max excess {(err - bound).max()}"
+    _assert_equals_float64_product(cpu_gemm.gemv_nt(k, n, dtype, dtype), x, w)
 
 
 def test_row_gemv_serves_rows_that_crowd_l1_with_x():
@@ -78,19 +75,15 @@ def test_host_prefill_uses_the_tiled_matmul_only_with_avx512(tmp_path, tiny_mode
     the tiny model through cpu_gemm; an x86-64-v3 build keeps cpu_schedule.Matmul."""
     import json
 
-    from tvm import relax
+    from host_calls import called_kernels
 
-    from neox_mlc.compile import export_module
     from neox_mlc.gen_config import load_templates, make_chat_config
 
     cfg = tmp_path / "mlc-chat-config.json"
     cfg.write_text(json.dumps(make_chat_config(tiny_model, quant, "line_llm", load_templates()["line_llm"], 64)))
 
     def prefill_calls(host_cpu):
-        mod = export_module(cfg, "llvm", host_cpu=host_cpu)[0]
-        names = []
-        relax.analysis.post_order_visit(mod["prefill"], lambda e: names.append(e.args[0].name_hint) if isinstance(e, relax.Call) and e.args and hasattr(e.args[0], "name_hint") else None)
-        return [n for n in names if "matmul" in n.lower()]
+        return [n for n in called_kernels(cfg, "prefill", host_cpu) if "matmul" in n.lower()]
 
     assert prefill_calls("x86-64-v3") and not [n for n in prefill_calls("x86-64-v3") if "tiled" in n]
     needs_avx512()

@@ -85,18 +85,14 @@ def test_host_decode_uses_the_int16_gemv_only_where_the_target_has_vnni(tmp_path
     model's 4h→h, K 256; hidden 64 keeps WordLanesGEMV). An x86-64-v3 build (no AVX-512) calls none."""
     import json
 
-    from tvm import relax
+    from host_calls import called_kernels
 
-    from neox_mlc.compile import export_module
     from neox_mlc.gen_config import load_templates, make_chat_config
 
     def decode_calls(quant, host_cpu):
         cfg = tmp_path / f"{quant}-mlc-chat-config.json"
         cfg.write_text(json.dumps(make_chat_config(tiny_model, quant, "line_llm", load_templates()["line_llm"], 64)))
-        mod = export_module(cfg, "llvm", host_cpu=host_cpu)[0]
-        names = []
-        relax.analysis.post_order_visit(mod["decode"], lambda e: names.append(e.args[0].name_hint) if isinstance(e, relax.Call) and e.args and hasattr(e.args[0], "name_hint") else None)
-        return [n for n in names if "NT_matmul" in n]
+        return [n for n in called_kernels(cfg, "decode", host_cpu) if "NT_matmul" in n]
 
     for quant in ("q4f16_0", "q4f16_1"):
         assert decode_calls(quant, "x86-64-v3") and not [n for n in decode_calls(quant, "x86-64-v3") if "int16" in n]
