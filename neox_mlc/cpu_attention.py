@@ -46,7 +46,7 @@ from tvm import tirx
 from tvm.relax.frontend.nn.llm._kernel_common import _declare_length_info, _get_kv_chunk_len, _get_seq_offset, _rope
 from tvm.script import tirx as T
 
-from neox_mlc.cpu_schedule import CACHE_LINE
+from neox_mlc.cpu_gemv import CACHE_LINE
 
 LOG2E = math.log2(math.exp(1))
 M_INIT = -5e4  # TVM's initial running maximum

@@ -40,7 +40,7 @@ from typing import Any
 from tvm import DataType, tirx
 from tvm.script import tirx as T
 
-from neox_mlc.cpu_schedule import CACHE_LINE, L1_BYTES, PREFETCH_LOCALITY
+from neox_mlc.cpu_gemv import CACHE_LINE, L1_BYTES, PREFETCH_LOCALITY
 
 LANES = 16  # float32 lanes of an AVX-512 register (partial sums along K)
 TOKENS = 4  # tokens of a register tile

@@ -73,13 +73,6 @@ CHUNK = 16  # generic reduction rows per parallel task
 # before the next (3.6 B shape, 64-token prefill, one thread: dequantize 1.51 → 0.80 CPU s).
 TRANSPOSE_ROWS = 16
 SPATIAL_CHUNK = 1024  # elementwise kernels: elements per parallel task
-# The host CPU's caches, for the hand-written kernels (cpu_gemv, cpu_gemm, cpu_attention)
-CACHE_LINE = 64  # bytes
-L1_BYTES = 32 * 1024  # L1 data cache of one core (Zen 4, most x86 cores since Skylake: 32–48 KiB)
-# Software prefetches of weights go into L2: into L1 they displaced the activations (cpu_gemv rows
-# kernel streaming 9.3 → 16.2 GB/s a thread; 3.6 B q4f16_0 decode, one thread, 7.0 → 9.3 tok/s;
-# cpu_gemm.gemv_nt, one thread, 17.8 GB/s into L1, 21.9 without prefetching, 27 into L2)
-PREFETCH_LOCALITY = 2
 
 
 def simd_lanes(target: Any) -> int:
