@@ -17,7 +17,11 @@ calls them by position) and compute the same attention; they differ in how the w
 * the next chunk's K/V rows are prefetched while one is computed: in a decode step a layer's KV
   (430 KB at 162.5 M, context 140) comes from DRAM, since every layer's weights have streamed through
   the caches since it was last read; that, not arithmetic, is most of what is left (kernel alone, one
-  thread: 22 µs with the KV in cache, 55 µs without; prefetching took 15 % off the latter).
+  thread: 22 µs with the KV in cache, 55 µs without; prefetching took 15 % off the latter). The
+  prefetches go into L2 (``cpu_gemv.PREFETCH_LOCALITY``), as the weights' do: into L1 they waited on
+  the core's few line-fill slots. 162.5 M q0f16 decode, two threads, the attention builtin over
+  12 layers, A/B in one process: 0.51–0.54 → 0.47–0.51 ms a step at context 160, 2.14 → 1.71 ms at
+  context 900 (prefill unchanged).
 
 162.5 M q4f16_0, one thread, CPU ms (docs/benchmarks/runtime-profile-attention.json): decode step
 11.4 → 10.5 (the attention builtin — RoPE, KV append, this kernel — 1.81 → 0.76 over 12 layers);
@@ -46,7 +50,7 @@ from tvm import tirx
 from tvm.relax.frontend.nn.llm._kernel_common import _declare_length_info, _get_kv_chunk_len, _get_seq_offset, _rope
 from tvm.script import tirx as T
 
-from neox_mlc.cpu_gemv import CACHE_LINE
+from neox_mlc.cpu_gemv import CACHE_LINE, PREFETCH_LOCALITY
 
 LOG2E = math.log2(math.exp(1))
 M_INIT = -5e4  # TVM's initial running maximum
@@ -174,9 +178,9 @@ def _softmax_macros(d_qk: int, d_v: int, qkv_dtype: str, rope_scaling: dict[str,
     def prefetch(K2: T.Buffer, V2: T.Buffer, kv_row: T.Buffer, slot: T.int32, rows: T.int32):
         for r in T.serial(rows):
             for line in T.unroll(k_lines):
-                T.evaluate(T.call_intrin("void", "tirx.prefetch", T.address_of(K2[kv_row[slot + r], line * per_line_k]), 0, 3, 1))
+                T.evaluate(T.call_intrin("void", "tirx.prefetch", T.address_of(K2[kv_row[slot + r], line * per_line_k]), 0, PREFETCH_LOCALITY, 1))
             for line in T.unroll(v_lines):
-                T.evaluate(T.call_intrin("void", "tirx.prefetch", T.address_of(V2[kv_row[slot + r], line * per_line_v]), 0, 3, 1))
+                T.evaluate(T.call_intrin("void", "tirx.prefetch", T.address_of(V2[kv_row[slot + r], line * per_line_v]), 0, PREFETCH_LOCALITY, 1))
 
     @T.macro
     def store(o_loc: T.Buffer, st: T.Buffer, out: T.Buffer, lse: T.Buffer, row: T.int32, head: T.int32):
