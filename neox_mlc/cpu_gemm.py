@@ -40,7 +40,7 @@ from typing import Any
 from tvm import DataType, tirx
 from tvm.script import tirx as T
 
-from neox_mlc.cpu_gemv import CACHE_LINE, L1_BYTES, PREFETCH_LOCALITY
+from neox_mlc.cpu_gemv import CACHE_LINE, L1_BYTES, PREFETCH_LOCALITY, SCRATCH
 
 LANES = 16  # float32 lanes of an AVX-512 register (partial sums along K)
 TOKENS = 4  # tokens of a register tile
@@ -102,7 +102,7 @@ def gemv_nt(k: int, n: int, x_dtype: str, w_dtype: str) -> tirx.PrimFunc:
         x = T.match_buffer(x_handle, (batch, 1, k), x_dtype)
         y = T.match_buffer(y_handle, (batch, 1, n), "float32")
         for blk in T.parallel(blocks):
-            acc = T.alloc_buffer((GEMV_ROWS * GEMV_CHUNK,), "float32", scope="local")
+            acc = T.alloc_buffer((GEMV_ROWS * GEMV_CHUNK,), "float32", scope=SCRATCH)
             for b in T.serial(batch):
                 for i in T.unroll(GEMV_ROWS * halves):
                     acc[T.Ramp(i * LANES, 1, LANES)] = T.Broadcast(T.float32(0), LANES)
@@ -138,8 +138,8 @@ def matmul_nt(k: int, n: int, x_dtype: str, w_dtype: str) -> tirx.PrimFunc:
         x = T.match_buffer(x_handle, (batch, seq, k), x_dtype)
         y = T.match_buffer(y_handle, (batch, seq, n), "float32")
         for task in T.parallel(n // BLOCK_ROWS):
-            acc = T.alloc_buffer((TOKENS * ROWS * LANES,), "float32", scope="local")
-            xt = T.alloc_buffer((TOKENS, kb), "float32", scope="local")
+            acc = T.alloc_buffer((TOKENS * ROWS * LANES,), "float32", scope=SCRATCH)
+            xt = T.alloc_buffer((TOKENS, kb), "float32", scope=SCRATCH)
             for kbi in T.serial(blocks):
                 for tile in T.serial(batch * seq // TOKENS):
                     for t, c in T.grid(TOKENS, chunks):

@@ -41,6 +41,8 @@ from tvm import s_tir, tirx
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.base import ScheduleRule
 
+from neox_mlc.cpu_gemv import SCRATCH
+
 LANES = 8  # Matmul: float32 partial sums per output, one AVX2 register
 GEMV_LANES = 32  # GEMV: four AVX2 registers, so consecutive FMAs do not wait on each other
 ROWS_PER_TASK = 16  # GEMV output rows per parallel task
@@ -278,7 +280,7 @@ class GEMV(_MatmulRule):
         sch.parallel(n0)
         sch.decompose_reduction(rf, k0)
         sch.unroll(k1)
-        sch.set_scope(rf, 0, "local")
+        sch.set_scope(rf, 0, SCRATCH)
         return sch
 
     @staticmethod
@@ -288,7 +290,7 @@ class GEMV(_MatmulRule):
         n0, n1 = sch.split(n, factors=[None, _outer_width(parts.n)])
         k0, k1 = sch.split(k, factors=[None, LANES])  # LANES consecutive k share a packed word
         sch.reorder(n0, k0, k1, n1)
-        acc = sch.cache_write(parts.block, 0, "local")  # running sums in a small local buffer, not the output
+        acc = sch.cache_write(parts.block, 0, SCRATCH)  # running sums in a small buffer of the task, not the output
         sch.reverse_compute_at(acc, n0, preserve_unit_loops=True)
         _attach_epilogues(sch, parts.epilogues, n0)
         sch.parallel(n0)
@@ -379,7 +381,7 @@ class GroupedGEMV(ScheduleRule):
         *_, pj, pr = sch.get_loops(part)
         sch.reorder(pr, pj)
         sch.vectorize(pj)
-        sch.set_scope(part, 0, "local")
+        sch.set_scope(part, 0, SCRATCH)
         sch.decompose_reduction(part, pr)
         sch.unroll(pr)
         sch.vectorize(n11)
@@ -473,17 +475,17 @@ class WordLanesGEMV(ScheduleRule):
         sch.parallel(jt)
         sch.compute_at(part, wo, preserve_unit_loops=True)
         sch.vectorize(sch.get_loops(part)[-1])
-        sch.set_scope(part, 0, "local")
+        sch.set_scope(part, 0, SCRATCH)
         sch.vectorize(wl)
         if vec > cls.SCALES_GATHERED_MAX:
             # The lanes' group scales, e.g. 4 float16 repeated 4 times each: copied to a small local buffer
             # first, LLVM makes that one 8-byte load and a shuffle; read straight from q_scale, a gather of
             # 16 loads (162.5 M output head 3.3 → 2.1 ms). With 8 lanes it finds the shuffle by itself.
             scales = next(i for i, r in enumerate(sch.get(rf).reads) if r.buffer.scope() == "global")
-            cache = sch.cache_read(rf, scales, "local")
+            cache = sch.cache_read(rf, scales, SCRATCH)
             sch.compute_at(cache, wo, preserve_unit_loops=True)
             sch.vectorize(sch.get_loops(cache)[-1])
-        sch.set_scope(rf, 0, "local")
+        sch.set_scope(rf, 0, SCRATCH)
         sch.decompose_reduction(rf, wk if chunk < steps else wo)
         if chains > 1:
             sch.reverse_compute_at(hsum, jt if chunk < steps else jo)
@@ -491,7 +493,7 @@ class WordLanesGEMV(ScheduleRule):
             sch.reorder(hr, hi)
             sch.unroll(hr)
             sch.unroll(hi)
-            sch.set_scope(hsum, 0, "local")
+            sch.set_scope(hsum, 0, SCRATCH)
         sch.reverse_compute_at(final, jt if chunk < steps else jo)
         for epi in _movable_epilogues(sch, epilogues, jt):
             try:
@@ -555,7 +557,7 @@ class Matmul(_MatmulRule):
             sch.decompose_reduction(rf, k0)
         for loop in (n1, k1):
             sch.unroll(loop)
-        sch.set_scope(rf, 0, "local")
+        sch.set_scope(rf, 0, SCRATCH)
         return sch
 
 

@@ -101,3 +101,19 @@ def test_host_decode_uses_the_int16_gemv_only_where_the_target_has_vnni(tmp_path
     assert len([n for n in decode_calls("q4f16_0", None) if "int16" in n]) == 4 * 2 + 1  # qkv, dense, h→4h, 4h→h per layer, head
     rows = decode_calls("q4f16_1", None)
     assert len([n for n in rows if "int16" in n]) == 2 and len(rows) == 4 * 2 + 1  # 4h→h per layer; the rest float
+
+
+@pytest.mark.parametrize("layout", ["columns", "rows"])
+def test_tasks_keep_their_scratch_on_the_stack(layout):
+    """Each task's sums and prepared x group are stack arrays (cpu_gemv.SCRATCH), not a workspace
+    allocation per task (q4f16_1 decode, one thread, 6.6 → 5.6 CPU ms a step at 162.5 M)."""
+    import tvm
+    from host_calls import workspace_allocs_in_tasks
+
+    make = cpu_gemv.grouped_gemv_columns if layout == "columns" else cpu_gemv.grouped_gemv_rows
+    ex = tvm.compile(
+        tvm.IRModule({"main": make(3072, 768, 7, "float16", "float16").with_attr("global_symbol", "main")}),
+        target=tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v4", "mattr": ["+avx512vnni"]}),
+    )
+    tasks = workspace_allocs_in_tasks(ex)
+    assert len(tasks) >= 2 and sum(tasks.values()) == 0, tasks  # preparing x, the GEMV (and the columns kernel's sum)
