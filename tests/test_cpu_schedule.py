@@ -452,3 +452,18 @@ def test_decode_gemv_tasks_keep_their_scratch_on_the_stack():
         tasks = workspace_allocs_in_tasks(ex)
         assert tasks, f"{name}: no parallel task body found"
         assert sum(tasks.values()) == 0, f"{name}: workspace allocations in its tasks {tasks}"
+
+
+def test_word_lanes_gemv_copies_the_scales_not_the_words_for_wide_vectors():
+    """16 lanes: the scales of a task's step are copied to a small buffer (one load and a shuffle, not a
+    16-load gather); the rfactor block reads both the words and the scales, and only the scales qualify."""
+    from tvm import tirx
+
+    from neox_mlc.quantization import get_quantization
+
+    mod, _ = _word_lanes(get_quantization("q4f16_1"), 768, 256, "x86-64-v4")
+    names = []
+    tirx.stmt_functor.post_order_visit(mod["main"].body, lambda st: names.extend(b.name for b in st.alloc_buffers) if isinstance(st, tirx.SBlock) else None)
+    assert "NT_matmul.rf" in names, "the SIMD schedule did not apply"
+    copies = [n for n in names if n.startswith(("qs_", "NT_matmul_word_"))]
+    assert len(copies) == 1 and copies[0].startswith("qs_"), names
