@@ -14,6 +14,16 @@ from neox_mlc import cpu_gemv
 from neox_mlc.compile import make_target
 
 
+def _built_for_vnni(func):
+    """``func`` compiled for an AVX-512 VNNI host (whether or not this one is)."""
+    import tvm
+
+    return tvm.compile(
+        tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
+        target=tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v4", "mattr": ["+avx512vnni"]}),
+    )
+
+
 def _dequantized(qw: np.ndarray, qs: np.ndarray) -> np.ndarray:
     """``W[k, n]`` of words ``[K/8, N]`` and scales ``[K/32, N]`` (MLC's q4f16_0 layout), in float64."""
     k8, n = qw.shape
@@ -48,7 +58,7 @@ def test_int16_gemv_is_within_the_int16_rounding_bound_of_the_exact_product(layo
         func, q_max, args = cpu_gemv.grouped_gemv_columns(k, n, 7, x_dtype, "float16"), cpu_gemv.Q_MAX, (x, qw, qs)
     else:  # the same weight stored as MLC's _1 layout stores it
         func, q_max, args = cpu_gemv.grouped_gemv_rows(k, n, 7, x_dtype, "float16"), cpu_gemv.SPLIT_MAX, (x, np.ascontiguousarray(qw.T), np.ascontiguousarray(qs.T))
-    ex = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v4", "mattr": ["+avx512vnni"]}))
+    ex = _built_for_vnni(func)
     out = tvm.runtime.tensor(np.zeros((batch, 1, n), np.float32))
     ex(*[tvm.runtime.tensor(a) for a in args], out)
     xs = x.reshape(batch, k).astype(np.float64)
@@ -107,13 +117,8 @@ def test_host_decode_uses_the_int16_gemv_only_where_the_target_has_vnni(tmp_path
 def test_tasks_keep_their_scratch_on_the_stack(layout):
     """Each task's sums and prepared x group are stack arrays (cpu_gemv.SCRATCH), not a workspace
     allocation per task (q4f16_1 decode, one thread, 6.6 → 5.6 CPU ms a step at 162.5 M)."""
-    import tvm
     from host_calls import workspace_allocs_in_tasks
 
     make = cpu_gemv.grouped_gemv_columns if layout == "columns" else cpu_gemv.grouped_gemv_rows
-    ex = tvm.compile(
-        tvm.IRModule({"main": make(3072, 768, 7, "float16", "float16").with_attr("global_symbol", "main")}),
-        target=tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v4", "mattr": ["+avx512vnni"]}),
-    )
-    tasks = workspace_allocs_in_tasks(ex)
+    tasks = workspace_allocs_in_tasks(_built_for_vnni(make(3072, 768, 7, "float16", "float16")))
     assert len(tasks) >= 2 and sum(tasks.values()) == 0, tasks  # preparing x, the GEMV (and the columns kernel's sum)

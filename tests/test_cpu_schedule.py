@@ -33,17 +33,31 @@ def _q4_0_gemv(k: int, n: int):
     return tvm.IRModule({"main": te.create_prim_func([x, qw, qs, out])})
 
 
-def _scheduled(k: int, n: int):
+def _host_built(func, cpu: str | None = None):
+    """``func`` scheduled by the host rules for ``cpu`` (None: this machine's default) and built: (module, executable)."""
     import tvm
     from tvm.s_tir import dlight as dl
 
     from neox_mlc.compile import make_target
     from neox_mlc.cpu_schedule import host_rules
 
-    target = make_target("llvm")
+    target = make_target("llvm", cpu)
     with target:
-        mod = dl.ApplyDefaultSchedule(*host_rules())(_q4_0_gemv(k, n))
+        mod = dl.ApplyDefaultSchedule(*host_rules())(tvm.IRModule({"main": func}))
     return mod, tvm.compile(mod, target=target)
+
+
+def _allocated(mod) -> list:
+    """The buffers the blocks of ``mod["main"]`` allocate."""
+    from tvm import tirx
+
+    bufs: list = []
+    tirx.stmt_functor.post_order_visit(mod["main"].body, lambda st: bufs.extend(st.alloc_buffers) if isinstance(st, tirx.SBlock) else None)
+    return bufs
+
+
+def _scheduled(k: int, n: int):
+    return _host_built(_q4_0_gemv(k, n)["main"])
 
 
 def _parallel_loops_reading(func, buffer_name: str) -> list:
@@ -173,12 +187,8 @@ def _vars(expr) -> set:
 
 def _grouped(quant, k: int, n: int, cpu: str):
     """The regrouped one-token kernel (gpt_neox_model.grouped_nt_matmul_te) with a cast epilogue, scheduled and built."""
-    import tvm
     from tvm import te
-    from tvm.s_tir import dlight as dl
 
-    from neox_mlc.compile import make_target
-    from neox_mlc.cpu_schedule import host_rules
     from neox_mlc.gpt_neox_model import grouped_nt_matmul_te
 
     qw = te.placeholder((k // quant.elems_per_word, n), "uint32", name="qw")
@@ -186,10 +196,7 @@ def _grouped(quant, k: int, n: int, cpu: str):
     x = te.placeholder((1, 1, k), "float16", name="x")
     y = grouped_nt_matmul_te(x, qw, qs, quant, n, k, True)
     out = te.compute((1, 1, n), lambda b, s, j: y[b, s, j].astype("float16"), name="cast")
-    target = make_target("llvm", cpu)
-    with target:
-        mod = dl.ApplyDefaultSchedule(*host_rules())(tvm.IRModule({"main": te.create_prim_func([x, qw, qs, out])}))
-    return mod, tvm.compile(mod, target=target)
+    return _host_built(te.create_prim_func([x, qw, qs, out]), cpu)
 
 
 def _has_avx512() -> bool:
@@ -236,7 +243,7 @@ def test_grouped_gemv_matches_numpy(bits, group, k, n, cpu):
 def test_prefill_matmul_is_tiled_and_matches_numpy(k, n, seq):
     """The Matmul rule (not a fallback) schedules a several-token matmul of any ``seq_len``, exactly."""
     import tvm
-    from tvm import te, tirx
+    from tvm import te
     from tvm.s_tir import dlight as dl
 
     from neox_mlc.compile import make_target
@@ -256,9 +263,7 @@ def test_prefill_matmul_is_tiled_and_matches_numpy(k, n, seq):
     assert Matmul().apply(te.create_prim_func([x, w, out]), target, False) is not None, "the Matmul rule refused the kernel"
     with target:
         mod = dl.ApplyDefaultSchedule(*host_rules())(tvm.IRModule({"main": te.create_prim_func([x, w, out])}))
-    bufs = []
-    tirx.stmt_functor.post_order_visit(mod["main"].body, lambda st: bufs.extend(st.alloc_buffers) if isinstance(st, tirx.SBlock) else None)
-    assert any(b.name.endswith(".rf") for b in bufs), "the register-tiled Matmul schedule did not apply (a fallback scheduled the kernel)"
+    assert any(b.name.endswith(".rf") for b in _allocated(mod)), "the register-tiled Matmul schedule did not apply (a fallback scheduled the kernel)"
     lib = tvm.compile(mod, target=target)
     rng = np.random.default_rng(2)
     xv = rng.standard_normal((1, seq, k)).astype("float16")
@@ -280,11 +285,10 @@ def _word_lanes(quant, k: int, n: int, cpu: str, plain: bool = False):
     """
     import tvm
     from tvm import s_tir, te
-    from tvm.s_tir import dlight as dl
     from tvm.s_tir.dlight.analysis import normalize_prim_func
 
     from neox_mlc.compile import make_target
-    from neox_mlc.cpu_schedule import WordLanesGEMV, host_rules
+    from neox_mlc.cpu_schedule import WordLanesGEMV
     from neox_mlc.gpt_neox_model import word_lanes_nt_matmul_te
 
     qw = te.placeholder((n, k // quant.elems_per_word), "uint32", name="qw")
@@ -293,16 +297,12 @@ def _word_lanes(quant, k: int, n: int, cpu: str, plain: bool = False):
     y = word_lanes_nt_matmul_te(x, qw, qs, quant, n, k)
     out = te.compute((1, 1, n), lambda b, s, j: y[b, s, j].astype(quant.model_dtype), name="cast")
     func = te.create_prim_func([x, qw, qs, out])
-    target = make_target("llvm", cpu)
-    if plain:
-        sch = s_tir.Schedule(func)
-        epilogues = [i.block_rv for i in normalize_prim_func(sch)[len(WordLanesGEMV.NAMES) :]]
-        assert WordLanesGEMV._plain(sch, {name: sch.get_sblock(name) for name in WordLanesGEMV.NAMES}, epilogues, 8) is not None
-        mod = sch.mod
-    else:
-        with target:
-            mod = dl.ApplyDefaultSchedule(*host_rules())(tvm.IRModule({"main": func}))
-    return mod, tvm.compile(mod, target=target)
+    if not plain:
+        return _host_built(func, cpu)
+    sch = s_tir.Schedule(func)
+    epilogues = [i.block_rv for i in normalize_prim_func(sch)[len(WordLanesGEMV.NAMES) :]]
+    assert WordLanesGEMV._plain(sch, {name: sch.get_sblock(name) for name in WordLanesGEMV.NAMES}, epilogues, 8) is not None
+    return sch.mod, tvm.compile(sch.mod, target=make_target("llvm", cpu))
 
 
 def _vectorized_loops_reading(func, buffer_name: str) -> int:
@@ -417,22 +417,14 @@ def test_word_lanes_gemv_epilogue_that_adds_another_layers_output_runs_per_task(
 
 def _float_gemv(k: int, n: int):
     """q0f16's one-token matmul (float16 weights ``[N, K]``) with a cast epilogue, scheduled by the host rules and built."""
-    import tvm
     from tvm import te
-    from tvm.s_tir import dlight as dl
-
-    from neox_mlc.compile import make_target
-    from neox_mlc.cpu_schedule import host_rules
 
     x = te.placeholder((1, 1, k), "float16", name="x")
     w = te.placeholder((n, k), "float16", name="w")
     r = te.reduce_axis((0, k), name="k")
     y = te.compute((1, 1, n), lambda b, s, j: te.sum(x[b, s, r].astype("float32") * w[j, r].astype("float32"), axis=r), name="NT_matmul")
     out = te.compute((1, 1, n), lambda b, s, j: y[b, s, j].astype("float16"), name="cast")
-    target = make_target("llvm")
-    with target:
-        mod = dl.ApplyDefaultSchedule(*host_rules())(tvm.IRModule({"main": te.create_prim_func([x, w, out])}))
-    return mod, tvm.compile(mod, target=target)
+    return _host_built(te.create_prim_func([x, w, out]))
 
 
 def test_decode_gemv_tasks_keep_their_scratch_on_the_stack():
@@ -457,13 +449,10 @@ def test_decode_gemv_tasks_keep_their_scratch_on_the_stack():
 def test_word_lanes_gemv_copies_the_scales_not_the_words_for_wide_vectors():
     """16 lanes: the scales of a task's step are copied to a small buffer (one load and a shuffle, not a
     16-load gather); the rfactor block reads both the words and the scales, and only the scales qualify."""
-    from tvm import tirx
-
     from neox_mlc.quantization import get_quantization
 
     mod, _ = _word_lanes(get_quantization("q4f16_1"), 768, 256, "x86-64-v4")
-    names = []
-    tirx.stmt_functor.post_order_visit(mod["main"].body, lambda st: names.extend(b.name for b in st.alloc_buffers) if isinstance(st, tirx.SBlock) else None)
+    names = [b.name for b in _allocated(mod)]
     assert "NT_matmul.rf" in names, "the SIMD schedule did not apply"
     copies = [n for n in names if n.startswith(("qs_", "NT_matmul_word_"))]
     assert len(copies) == 1 and copies[0].startswith("qs_"), names
